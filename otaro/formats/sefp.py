@@ -1,0 +1,145 @@
+"""SEFP reference codec in numpy (torch-free; the runtime uses it to switch precision).
+
+Layout (DESIGN.md §3): a weight ``W[out, in]`` is cut into groups of G along ``in``; the last
+group is zero-padded. Per group, ``E = floor(log2 max|w|)`` (int8; ``ZERO_GROUP_EXPONENT`` for
+an all-zero group). The stored 8-bit code is the int8 value ``m8 = sign · M8`` with
+``M8 ∈ [0, 127]``. A derived precision b is an integer code ``c`` and a power-of-two step:
+``w_b = c · 2^(E - b + 2 - x)`` where x is the rounding's ``extra_code_bits`` (1 for midpoint,
+whose codes are odd multiples of half a step). Every product here is exact in fp32.
+
+:mod:`otaro.formats.torch_ref` is the bit-exact torch twin; tests hold them together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from otaro.errors import FormatError
+from otaro.formats.table import TOP_BITS, ZERO_GROUP_EXPONENT, SEFPFormat
+
+# Groups whose largest magnitude is below the smallest fp32 normal are flushed to zero: their
+# exponent would not fit int8, and the error (< 2^-126) is far below any precision we store.
+MIN_NORMAL = np.float32(2.0**-126)
+_TOP_MAX = 2 ** (TOP_BITS - 1) - 1  # 127
+
+
+@dataclass(frozen=True)
+class SEFPTensor:
+    """One encoded linear weight: int8 mantissas [out, in_padded], int8 exponents [out, groups]."""
+
+    mantissa: np.ndarray
+    exponent: np.ndarray
+    in_features: int
+    fmt: SEFPFormat
+
+    @property
+    def out_features(self) -> int:
+        return self.mantissa.shape[0]
+
+
+def check_finite(w: np.ndarray, name: str) -> None:
+    if not np.isfinite(w).all():
+        n_nan = int(np.isnan(w).sum())
+        n_inf = int(np.isinf(w).sum())
+        raise FormatError(f"tensor {name!r} has non-finite values ({n_nan} NaN, {n_inf} Inf); cannot quantize it")
+
+
+def pad_groups(w: np.ndarray, group_size: int) -> np.ndarray:
+    pad = (-w.shape[1]) % group_size
+    if pad:
+        w = np.pad(w, ((0, 0), (0, pad)))
+    return w
+
+
+def floor_log2(amax: np.ndarray) -> np.ndarray:
+    """Exact floor(log2(x)) for x > 0 via frexp (log2 can round up just below a power of two)."""
+    _, e = np.frexp(amax)
+    return e.astype(np.int32) - 1
+
+
+def encode(w: np.ndarray, fmt: SEFPFormat, name: str = "weight") -> SEFPTensor:
+    """Quantize a 2-D float weight to the stored 8-bit SEFP code."""
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise FormatError(f"tensor {name!r} must be 2-D [out, in] to encode, got shape {w.shape}")
+    check_finite(w, name)
+    in_features = w.shape[1]
+    G = fmt.group_size
+    w32 = pad_groups(w.astype(np.float32), G)
+    out, in_p = w32.shape
+    g = w32.reshape(out, in_p // G, G)
+    mag = np.abs(g)
+    amax = mag.max(axis=-1)
+    live = amax >= MIN_NORMAL
+    E = np.where(live, floor_log2(np.where(live, amax, 1.0)), ZERO_GROUP_EXPONENT)
+    # |w| / Δ_8 with Δ_8 = 2^(E-6): a power-of-two scaling, exact in fp32, result < 128.
+    scaled = np.ldexp(mag, (TOP_BITS - 2 - E)[..., None].astype(np.int32))
+    M8 = _TOP_ENCODERS[fmt.rounding](scaled)
+    M8 = np.where(live[..., None], M8, 0).astype(np.int16)
+    m8 = np.where(np.signbit(g), -M8, M8).astype(np.int8).reshape(out, in_p)
+    return SEFPTensor(m8, E.astype(np.int8), in_features, fmt)
+
+
+def _enc_floor(scaled):
+    return np.floor(scaled)
+
+
+def _enc_rint(scaled):
+    # np.rint is round-half-even, as torch.round is: the twins agree bit for bit.
+    return np.minimum(np.rint(scaled), _TOP_MAX)
+
+
+_TOP_ENCODERS = {"trunc": _enc_floor, "nearest": _enc_rint, "midpoint": _enc_floor}
+
+
+def _derive_trunc(M8, s, bits):
+    return M8 >> s
+
+
+def _derive_nearest(M8, s, bits):
+    if s == 0:
+        return M8
+    return np.minimum((M8 >> s) + ((M8 >> (s - 1)) & 1), 2 ** (bits - 1) - 1)
+
+
+def _derive_midpoint(M8, s, bits):
+    # Odd multiples of half a step: the middle of the truncated cell. A stored zero has lost
+    # its sign, and 0 is the middle of the cell (-Δ8, Δ8), so it stays zero.
+    return np.where(M8 > 0, 2 * (M8 >> s) + 1, 0)
+
+
+_DERIVERS = {"trunc": _derive_trunc, "nearest": _derive_nearest, "midpoint": _derive_midpoint}
+
+
+def derive_codes(mantissa: np.ndarray, bits: int, fmt: SEFPFormat) -> np.ndarray:
+    """Signed integer codes at ``bits`` from the stored int8 mantissas (int16 result)."""
+    fmt.check_bits(bits)
+    m = mantissa.astype(np.int16)
+    M8 = np.abs(m)
+    Mb = _DERIVERS[fmt.rounding](M8, TOP_BITS - bits, bits)
+    return np.where(m < 0, -Mb, Mb).astype(np.int16)
+
+
+def step_exponent(exponent: np.ndarray, bits: int, fmt: SEFPFormat) -> np.ndarray:
+    """log2 of the step each group's codes are multiplied by at ``bits`` (int32)."""
+    return exponent.astype(np.int32) - bits + 2 - fmt.rounding_spec.extra_code_bits
+
+
+def dequantize_codes(codes: np.ndarray, step_exp: np.ndarray, group_size: int, in_features: int) -> np.ndarray:
+    out, in_p = codes.shape
+    g = codes.reshape(out, in_p // group_size, group_size).astype(np.float32)
+    w = np.ldexp(g, step_exp[..., None]).reshape(out, in_p)
+    return np.ascontiguousarray(w[:, :in_features])
+
+
+def decode(t: SEFPTensor, bits: int) -> np.ndarray:
+    """Float32 weight at precision ``bits`` derived from the stored 8-bit code."""
+    codes = derive_codes(t.mantissa, bits, t.fmt)
+    return dequantize_codes(codes, step_exponent(t.exponent, bits, t.fmt), t.fmt.group_size, t.in_features)
+
+
+def quantize(w: np.ndarray, fmt: SEFPFormat, bits: int, name: str = "weight") -> np.ndarray:
+    """Encode then decode at ``bits``: what the device computes with."""
+    return decode(encode(w, fmt, name), bits)

@@ -1,0 +1,290 @@
+"""The one table of number formats.
+
+Every part of otaro (modules, methods, exporter, runtime, CLI choices, tests) reads formats from
+here by name; no bare ``nbits=4`` travels between modules. Rows are frozen dataclasses, built
+once at import and checked by ``_check_table`` (bits-per-weight arithmetic, names, ranges).
+
+SEFP rows carry *all* derived bit-widths 2..8 (one stored model); integer rows carry one
+bit-width (one model per precision, the "model zoo" the SEFP format avoids).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Iterable, Union
+
+from otaro.errors import FormatError
+
+TOP_BITS = 8
+MIN_BITS = 2
+ALL_BITS: tuple[int, ...] = tuple(range(MIN_BITS, TOP_BITS + 1))
+GROUP_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
+# onnxruntime's MatMulNBits on CPU runs these containers (FACTS.md); a b-bit code rides in the
+# smallest one that holds it.
+CONTAINERS: tuple[int, ...] = (2, 4, 8)
+# All-zero groups store this exponent and all-zero mantissas (int8 minimum, never a real E
+# because fp32 normals have E >= -126 and smaller groups are flushed to zero).
+ZERO_GROUP_EXPONENT = -128
+
+
+def check_bits(bits: int, allowed: Iterable[int] = ALL_BITS) -> int:
+    allowed = tuple(allowed)
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in allowed:
+        raise FormatError(f"bit-width {bits!r} is not supported: choose one of {format_bits(allowed)}")
+    return bits
+
+
+def check_group_size(group_size: int) -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or (
+        group_size & (group_size - 1)
+    ):
+        raise FormatError(f"group size {group_size!r} is not a power of two")
+    if group_size not in GROUP_SIZES:
+        raise FormatError(f"group size {group_size} is out of range: choose one of {list(GROUP_SIZES)}")
+    return group_size
+
+
+def format_bits(bits: Iterable[int]) -> str:
+    bits = sorted(bits)
+    if bits and bits == list(range(bits[0], bits[-1] + 1)) and len(bits) > 2:
+        return f"{bits[0]}-{bits[-1]}"
+    return ",".join(str(b) for b in bits)
+
+
+def parse_bits(spec: str | int | Iterable[int], allowed: Iterable[int] = ALL_BITS) -> tuple[int, ...]:
+    """Parse ``"2-8"``, ``"2,3,4,8"``, ``"4"`` or an iterable into a sorted tuple of bit-widths."""
+    if isinstance(spec, int):
+        return (check_bits(spec, allowed),)
+    if not isinstance(spec, str):
+        return tuple(sorted({check_bits(int(b), allowed) for b in spec}))
+    out: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if lo > hi:
+                    raise ValueError
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise FormatError(f"cannot read bit-widths {spec!r}: use e.g. '2-8' or '2,3,4,8'") from None
+    if not out:
+        raise FormatError(f"no bit-widths in {spec!r}")
+    return tuple(sorted(check_bits(b, allowed) for b in out))
+
+
+def container_for(bits: int) -> int | None:
+    """Smallest MatMulNBits container holding a signed ``bits``-bit code; None if none does."""
+    for c in CONTAINERS:
+        if c >= bits:
+            return c
+    return None
+
+
+@dataclass(frozen=True)
+class SEFPRounding:
+    """How the stored 8-bit code is made and how a lower precision is derived from it."""
+
+    name: str
+    description: str
+    extra_planes: int  # bit-planes read beyond b (nearest reads the bit below the cut)
+    extra_code_bits: int  # extra bits the signed integer code needs (midpoint: odd multiples of Δ/2)
+    exact_nesting: bool  # derived b-bit value == quantizing the float weight directly at b
+
+
+SEFP_ROUNDINGS: dict[str, SEFPRounding] = {
+    r.name: r
+    for r in (
+        SEFPRounding(
+            "trunc",
+            "truncate toward zero at every precision (the paper's mantissa truncation)",
+            extra_planes=0, extra_code_bits=0, exact_nesting=True,
+        ),
+        SEFPRounding(
+            "nearest",
+            "round-half-even at 8 bits, then round-half-up on the first dropped bit",
+            extra_planes=1, extra_code_bits=0, exact_nesting=False,
+        ),
+        SEFPRounding(
+            "midpoint",
+            "truncated codes, decoded at the middle of their cell ((M+1/2)·Δ; zero stays zero)",
+            extra_planes=0, extra_code_bits=1, exact_nesting=True,
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class SEFPFormat:
+    """Shared-exponent floating point: one int8 exponent per group of G weights along the
+    reduction axis, sign-magnitude mantissas stored at 8 bits, every lower precision derived."""
+
+    group_size: int = 64
+    rounding: str = "trunc"
+    top_bits: int = TOP_BITS
+    exponent_bits: int = 8
+    bits: tuple[int, ...] = ALL_BITS
+    family: str = field(default="sefp", init=False)
+
+    def __post_init__(self):
+        check_group_size(self.group_size)
+        if self.rounding not in SEFP_ROUNDINGS:
+            raise FormatError(f"unknown SEFP rounding {self.rounding!r}: choose one of {sorted(SEFP_ROUNDINGS)}")
+        if self.top_bits != TOP_BITS:
+            raise FormatError(f"SEFP v1 stores {TOP_BITS}-bit mantissas (got top_bits={self.top_bits})")
+
+    @property
+    def name(self) -> str:
+        return f"sefp-g{self.group_size}-{self.rounding}"
+
+    @property
+    def rounding_spec(self) -> SEFPRounding:
+        return SEFP_ROUNDINGS[self.rounding]
+
+    def check_bits(self, bits: int) -> int:
+        return check_bits(bits, self.bits)
+
+    def bits_per_weight(self, bits: int) -> float:
+        """Storage cost of a fixed-precision copy at ``bits`` (mantissa planes + exponents)."""
+        self.check_bits(bits)
+        return bits + self.exponent_bits / self.group_size
+
+    def storage_bits_per_group(self, bits: int) -> int:
+        return bits * self.group_size + self.exponent_bits
+
+    def planes_read(self, bits: int) -> int:
+        """Bit-planes (sign included) a bit-plane kernel reads at ``bits``."""
+        self.check_bits(bits)
+        return min(bits + self.rounding_spec.extra_planes, self.top_bits)
+
+    def code_bits(self, bits: int) -> int:
+        """Width of the signed integer code the derived weight is an integer multiple of."""
+        self.check_bits(bits)
+        return bits + self.rounding_spec.extra_code_bits
+
+    def container_bits(self, bits: int) -> int | None:
+        """MatMulNBits container (2/4/8) that holds the signed code exactly, or None (midpoint
+        at 8 bits needs a 9-bit code: such a precision runs through a dequantized float path)."""
+        return container_for(self.code_bits(bits))
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    """Integer b-bit weights with a scale (and a zero point if asymmetric) per group of G."""
+
+    bits: int
+    group_size: int = 128
+    symmetric: bool = False
+    scale_bits: int = 16  # scales are stored as fp16 in deployment layouts
+    family: str = field(default="int", init=False)
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}-g{self.group_size}-{'sym' if self.symmetric else 'asym'}"
+
+    @property
+    def zero_bits(self) -> int:
+        # Zero points are packed at the weight bit-width (GPTQ / MatMulNBits layout).
+        return 0 if self.symmetric else self.bits
+
+    def check_bits(self, bits: int) -> int:
+        return check_bits(bits, (self.bits,))
+
+    def bits_per_weight(self, bits: int | None = None) -> float:
+        if bits is not None:
+            self.check_bits(bits)
+        return self.bits + (self.scale_bits + self.zero_bits) / self.group_size
+
+    def storage_bits_per_group(self, bits: int | None = None) -> int:
+        return self.bits * self.group_size + self.scale_bits + self.zero_bits
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def container_bits(self, bits: int | None = None) -> int | None:
+        return container_for(self.bits)
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    """Unquantized weights (the baseline rows)."""
+
+    name: str
+    storage_bits: int
+    family: str = field(default="float", init=False)
+
+    def bits_per_weight(self, bits: int | None = None) -> float:
+        return float(self.storage_bits)
+
+    def storage_bits_per_group(self, bits: int | None = None) -> int:
+        return self.storage_bits
+
+
+Format = Union[SEFPFormat, IntFormat, FloatFormat]
+
+
+def _build_table() -> dict[str, Format]:
+    rows: list[Format] = [FloatFormat("fp32", 32), FloatFormat("fp16", 16), FloatFormat("bf16", 16)]
+    rows += [SEFPFormat(group_size=g, rounding=r) for r in SEFP_ROUNDINGS for g in GROUP_SIZES]
+    rows += [
+        IntFormat(bits=b, group_size=g, symmetric=s) for s in (True, False) for b in ALL_BITS for g in GROUP_SIZES
+    ]
+    return {row.name: row for row in rows}
+
+
+FORMATS: dict[str, Format] = _build_table()
+DEFAULT_SEFP = "sefp-g64-trunc"
+
+
+def _check_table(table: dict[str, Format]) -> None:
+    """Import-time checks: a wrong row must fail loudly, not skew a benchmark."""
+    seen = set()
+    for name, row in table.items():
+        assert name == row.name and name not in seen, f"format name clash: {name}"
+        seen.add(name)
+        if isinstance(row, SEFPFormat):
+            for b in row.bits:
+                bpw = row.bits_per_weight(b)
+                # bits per weight times G must be the exact bit count of one stored group
+                assert bpw * row.group_size == row.storage_bits_per_group(b), name
+                assert b < bpw <= b + 0.5, f"{name}: exponent overhead out of range at b={b}"
+                c = row.container_bits(b)
+                assert row.code_bits(b) >= b and (c is None or c >= row.code_bits(b)), name
+                assert row.planes_read(b) <= row.top_bits, name
+        elif isinstance(row, IntFormat):
+            bpw = row.bits_per_weight()
+            assert bpw * row.group_size == row.storage_bits_per_group(), name
+            assert row.qmax - row.qmin + 1 == 2**row.bits - (1 if row.symmetric else 0), name
+        else:
+            assert row.bits_per_weight() == row.storage_bits, name
+
+
+_check_table(FORMATS)
+
+
+def get_format(name: str | Format) -> Format:
+    if not isinstance(name, str):
+        return name
+    try:
+        return FORMATS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, FORMATS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise FormatError(f"unknown format {name!r}{hint}; `otaro formats` lists them") from None
+
+
+def quantized_format_names() -> list[str]:
+    return [n for n, f in FORMATS.items() if f.family != "float"]
