@@ -1,0 +1,56 @@
+"""Tiny random models and a tiny tokenizer, built in memory (tests and the offline quick demo).
+
+No download: the model comes from the adapter's config, the tokenizer is a byte-level BPE
+trained in a few milliseconds on a fixed English paragraph, so runs are deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A model that is tuned once can run at every "
+    "precision: eight bits for writing, three or four bits for reading. Shared exponents keep one "
+    "stored copy; shorter mantissas are simply cut from it. The weather was fine, and the river "
+    "ran quietly past the mill where the old miller counted his sacks of grain, one by one, "
+    "until the evening bell rang over the fields and the children came home for supper.\n"
+)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0):
+    """A 2-layer random model of a registered architecture, in eval mode, fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from otaro.arch import ARCHS, get_adapter
+
+    adapter = ARCHS.get(arch) or get_adapter(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(adapter.tiny_config(), dtype=torch.float32)
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([SAMPLE_TEXT] * 4, trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer():
+    """A 320-token byte-level BPE tokenizer (fits every tiny model's vocabulary)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>",
+    )
