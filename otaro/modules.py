@@ -171,11 +171,7 @@ class IntLinear(nn.Module):
         return mod
 
     def set_bits(self, bits: int | None) -> None:
-        if bits != self.fmt.bits:
-            raise FormatError(
-                f"an {self.fmt.name} model holds {self.fmt.bits}-bit weights only (asked for {bits}); "
-                "only SEFP models switch precision"
-            )
+        self.fmt.check_bits(bits)
 
     def quantized_weight(self, bits: int | None = None) -> torch.Tensor:
         if self._cache is None:

@@ -91,7 +91,10 @@ class SEFPRounding:
 
     name: str
     description: str
-    extra_planes: int  # bit-planes read beyond b (nearest reads the bit below the cut)
+    # bit-planes read beyond b: nearest reads the bit below the cut; midpoint reads the
+    # nonzero plane (otaro.formats.pack), because "is M8 > 0?" decides 0 vs ±Δ_b/2 when the
+    # top b-1 magnitude bits are all zero and is not visible in the first b planes.
+    extra_planes: int
     extra_code_bits: int  # extra bits the signed integer code needs (midpoint: odd multiples of Δ/2)
     exact_nesting: bool  # derived b-bit value == quantizing the float weight directly at b
 
@@ -112,7 +115,7 @@ SEFP_ROUNDINGS: dict[str, SEFPRounding] = {
         SEFPRounding(
             "midpoint",
             "truncated codes, decoded at the middle of their cell ((M+1/2)·Δ; zero stays zero)",
-            extra_planes=0, extra_code_bits=1, exact_nesting=True,
+            extra_planes=1, extra_code_bits=1, exact_nesting=True,
         ),
     )
 }
@@ -196,7 +199,11 @@ class IntFormat:
         return 0 if self.symmetric else self.bits
 
     def check_bits(self, bits: int) -> int:
-        return check_bits(bits, (self.bits,))
+        if bits != self.bits:
+            raise FormatError(
+                f"{self.name} holds {self.bits}-bit weights only (asked for {bits!r}); only SEFP models switch precision"
+            )
+        return bits
 
     def bits_per_weight(self, bits: int | None = None) -> float:
         if bits is not None:

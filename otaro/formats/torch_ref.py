@@ -42,7 +42,13 @@ def sefp_encode(w: torch.Tensor, fmt: SEFPFormat, name: str = "weight", check: b
     live = amax >= _MIN_NORMAL
     _, e = torch.frexp(torch.where(live, amax, torch.ones_like(amax)))
     E = torch.where(live, e.to(torch.int32) - 1, torch.full_like(e, ZERO_GROUP_EXPONENT, dtype=torch.int32))
-    scaled = torch.ldexp(mag, (TOP_BITS - 2 - E).unsqueeze(-1).to(torch.float32))
+    # |w| / Δ_8 = |w| · 2^(6-E). torch.ldexp multiplies by pow(2, e) computed in fp32, which
+    # overflows to inf for e >= 128 (groups with E <= -122); split the shift in two halves
+    # (each |half| <= 66, a normal power of two). Both products are exact where it matters:
+    # the first only rescales, and any rounding of tiny values stays far below one Δ_8 step.
+    shift = (TOP_BITS - 2 - E).unsqueeze(-1)
+    half = torch.div(shift, 2, rounding_mode="floor")
+    scaled = torch.ldexp(torch.ldexp(mag, half.to(torch.float32)), (shift - half).to(torch.float32))
     if fmt.rounding == "nearest":
         M8 = torch.clamp(torch.round(scaled), max=_TOP_MAX)  # round-half-even, like np.rint
     else:

