@@ -1,0 +1,34 @@
+"""Rewrite one marked section of benchmarks/RESULTS.md, leaving the others alone.
+
+Each benchmark owns the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``, so
+re-running one script never erases another's measured tables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADER = (
+    "# Benchmark results\n\n"
+    "Every number below was measured by a script in `benchmarks/` and written here by it; re-run the\n"
+    "script to refresh its section (`make bench`). Machine and library versions are printed with each\n"
+    "section.\n"
+)
+
+
+def update_section(name: str, body: str, path: Path = RESULTS) -> Path:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = path.read_text(encoding="utf-8") if path.exists() else HEADER
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    from otaro.io import atomic_file
+
+    with atomic_file(path, "w") as f:
+        f.write(text)
+    return path
