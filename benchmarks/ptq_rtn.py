@@ -65,6 +65,10 @@ def plot(rows, path: Path) -> None:
     plt.close(fig)
 
 
+def fmt_ppl(ppl: float) -> str:
+    return f"{ppl:.2e}" if ppl >= 1e4 else f"{ppl:.2f}"
+
+
 def markdown(result) -> str:
     rows = result["rows"]
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
@@ -99,7 +103,7 @@ def markdown(result) -> str:
             cells = []
             for l in labels:
                 r = by.get((d, l, b))
-                cells.append(f"{r['ppl']:.2f} ({r['bits_per_weight']:.3g})" if r else "")
+                cells.append(f"{fmt_ppl(r['ppl'])} ({r['bits_per_weight']:.3g})" if r else "")
             out.append(f"| {b} | " + " | ".join(cells) + " |")
         out.append("")
     out.append("Cells: perplexity (bits per weight). One SEFP column is one stored model; each integer cell is its own model.")
@@ -110,9 +114,10 @@ def markdown(result) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--max-windows", type=int, default=24, help="512-token windows per text (default 24)")
+    ap.add_argument("--max-windows", type=int, default=16, help="512-token windows per text (default 16)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (throughput only)")
     args = ap.parse_args()
 
     from otaro.errors import OtaroError
@@ -121,7 +126,7 @@ def main() -> int:
 
     cfg = EvalConfig(
         model="smollm2-135m", texts=tuple(TEXTS), formats=tuple(SEFP + int_formats()), seq_len=args.seq_len,
-        max_windows=args.max_windows, threads=args.threads,
+        max_windows=args.max_windows, threads=args.threads, batch_size=args.batch_size,
     )
     try:
         result = run_eval(cfg)
