@@ -99,7 +99,7 @@ def test_int_rows_ranges():
 
 
 def test_unknown_name_suggests_close_matches():
-    with pytest.raises(FormatError, match=r"unknown format 'sefp-g64-trunk'.*did you mean sefp-g64-trunc"):
+    with pytest.raises(FormatError, match=r"'sefp-g64-trunk'.*unknown SEFP rounding.*did you mean sefp-g64-trunc"):
         get_format("sefp-g64-trunk")
     with pytest.raises(FormatError, match="otaro formats"):
         get_format("totally-unknown")

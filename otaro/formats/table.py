@@ -11,6 +11,7 @@ bit-width (one model per precision, the "model zoo" the SEFP format avoids).
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Union
 
@@ -282,14 +283,30 @@ def _check_table(table: dict[str, Format]) -> None:
 _check_table(FORMATS)
 
 
+_NAME_PATTERNS = (
+    (re.compile(r"sefp-g(\d+)-(\w+)"), lambda m: SEFPFormat(group_size=int(m[1]), rounding=m[2])),
+    (re.compile(r"int(\d+)-g(\d+)-(sym|asym)"),
+     lambda m: IntFormat(bits=int(m[1]), group_size=int(m[2]), symmetric=m[3] == "sym")),
+)
+
+
 def get_format(name: str | Format) -> Format:
     if not isinstance(name, str):
         return name
     try:
         return FORMATS[name]
     except KeyError:
+        # A well-formed name with a bad parameter gets the parameter's own message
+        # ("group size 48 is not a power of two") rather than a bare "unknown format".
         close = difflib.get_close_matches(name, FORMATS, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        for pattern, build in _NAME_PATTERNS:
+            m = pattern.fullmatch(name)
+            if m:
+                try:
+                    build(m)
+                except FormatError as e:
+                    raise FormatError(f"format {name!r}: {e}{hint}") from None
         raise FormatError(f"unknown format {name!r}{hint}; `otaro formats` lists them") from None
 
 
