@@ -2,6 +2,9 @@ import os
 
 import pytest
 
+# The user's real cache (for opt-in slow tests), captured before any fixture replaces it.
+REAL_CACHE = os.environ.get("OTARO_CACHE")
+
 # Tests must never reach a hub, and must not depend on a user's cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -24,6 +27,15 @@ def pytest_collection_modifyitems(config, items):
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Point the asset cache at an empty folder unless a test opts in to the real one."""
     monkeypatch.setenv("OTARO_CACHE", str(tmp_path_factory.getbasetemp() / "otaro-cache"))
+
+
+@pytest.fixture
+def real_cache(monkeypatch):
+    """Opt back in to the real asset cache (slow real-model tests)."""
+    if REAL_CACHE is None:
+        monkeypatch.delenv("OTARO_CACHE", raising=False)
+    else:
+        monkeypatch.setenv("OTARO_CACHE", REAL_CACHE)
 
 
 @pytest.fixture
