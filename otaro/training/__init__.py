@@ -1,0 +1,1 @@
+"""Once-for-all fine-tuning: data, bit-width paths (BPS), LAA, the trainer and its state."""

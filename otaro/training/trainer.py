@@ -1,0 +1,345 @@
+"""``otaro finetune``: once-for-all fine-tuning of an SEFP model over a bit-width path.
+
+Each step: the path (BPS or an ablation) picks a bit-width b; every quantized layer runs the
+master weights through ``Q(w, b)`` (the deployment derivation, straight-through backward); the
+LAA plan decides whether the gradient updates now, or accumulates with other low-bit steps into
+one delayed update. The same code runs on one CPU, one GPU, or several processes through
+accelerate (DDP): every rank takes the same path because the loss fed to the path is reduced
+across ranks first and every rank seeds the path identically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from otaro.errors import OtaroError
+from otaro.training.config import FinetuneConfig
+
+
+def run_dir_for(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".run")
+
+
+def lr_lambda(cfg: FinetuneConfig):
+    """Multiplier of the base LR at a path step (the schedule follows path steps, not optimizer
+    updates, so LAA's delayed updates do not stretch it)."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        t = min(max(t, 0.0), 1.0)
+        decay = 0.5 * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else 1 - t
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+    return f
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds (kept together so resume can restore it in one place)."""
+
+    cfg: FinetuneConfig
+    accelerator: object
+    model: object  # prepared (possibly DDP-wrapped) model
+    raw: object  # the unwrapped transformers model
+    teacher: object | None
+    optimizer: object
+    scheduler: object
+    path: object
+    laa: object
+    order: object
+    train: object
+    heldout: object
+    tokenizer: object
+    step: int = 0
+    optimizer_updates: int = 0
+
+
+def _check_device(cfg: FinetuneConfig) -> None:
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise OtaroError("fp16 mixed precision needs a GPU; use --mixed-precision bf16 (or no) on CPU")
+
+
+def _prepare(cfg: FinetuneConfig, show_progress: bool) -> _Run:
+    from accelerate import Accelerator
+
+    from otaro.formats import get_format
+    from otaro.modules import convert
+    from otaro.sources import load_source
+    from otaro.training.bps import make_path
+    from otaro.training.data import BatchOrder, build_splits
+    from otaro.training.laa import LAA, LAAConfig
+
+    _check_device(cfg)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    if cfg.batch_size % accelerator.num_processes:
+        raise OtaroError(f"batch size {cfg.batch_size} is not divisible by {accelerator.num_processes} processes")
+    src = load_source(cfg.model)
+    if src.kind == "checkpoint":
+        raise OtaroError(f"{cfg.model} is a quantized checkpoint; fine-tune from the original model")
+    if src.tokenizer is None:
+        raise OtaroError(f"{cfg.model} has no tokenizer; fine-tuning needs one to read the data")
+    model = src.model
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    splits = build_splits(src.tokenizer, cfg.data, cfg.seq_len, cfg.heldout_fraction, cfg.seed, max_pos)
+    torch.manual_seed(cfg.seed)
+    teacher = None
+    if cfg.distill > 0:
+        teacher = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
+    convert(model, get_format(cfg.format), packed=False)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                                                  lr_lambda(cfg))
+    knobs = dict(segment_len=cfg.segment_len, explore=cfg.explore, ucb_c=cfg.ucb_c, epsilon=cfg.epsilon,
+                 ema=cfg.ema, score=cfg.score)
+    path = make_path(cfg.path, cfg.trained_bits if cfg.path == "fixed" else cfg.bits, cfg.seed, **knobs)
+    laa = LAA(LAAConfig(enabled=cfg.laa, threshold=cfg.laa_threshold, k=cfg.laa_k, reduce=cfg.laa_reduce,
+                        scale=cfg.laa_scale))
+    order = BatchOrder(len(splits.train.input_ids), cfg.batch_size, cfg.seed, world=accelerator.num_processes)
+    return _Run(cfg, accelerator, prepared, accelerator.unwrap_model(prepared), teacher, optimizer, scheduler, path,
+                laa, order, splits.train, splits.heldout, src.tokenizer)
+
+
+def _loss(run: _Run, input_ids, labels):
+    out = run.model(input_ids=input_ids, labels=labels)
+    loss = out.loss
+    if run.teacher is not None:
+        with torch.no_grad():
+            t_logits = run.teacher(input_ids=input_ids).logits
+        T = run.cfg.distill_temperature
+        mask = labels != -100
+        s = F.log_softmax(out.logits[mask].float() / T, -1)
+        t = F.log_softmax(t_logits[mask].float() / T, -1)
+        loss = loss + run.cfg.distill * F.kl_div(s, t, log_target=True, reduction="batchmean") * T * T
+    return loss
+
+
+def _sync_accumulated_grads(run: _Run) -> None:
+    """Low-bit steps ran under ``no_sync``: average their accumulated gradients across ranks once,
+    at the delayed update (one all-reduce per flush instead of one per step)."""
+    if run.accelerator.num_processes == 1:
+        return
+    for p in run.raw.parameters():
+        if p.grad is not None:
+            p.grad.copy_(run.accelerator.reduce(p.grad, reduction="mean"))
+
+
+def _optimizer_step(run: _Run) -> None:
+    if run.cfg.grad_clip > 0:
+        run.accelerator.clip_grad_norm_(run.raw.parameters(), run.cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.optimizer_updates += 1
+
+
+def _flush(run: _Run, divisor: float) -> None:
+    from otaro.training.laa import apply_flush
+
+    _sync_accumulated_grads(run)
+    apply_flush(list(run.raw.parameters()), divisor)
+    _optimizer_step(run)
+
+
+def train_step(run: _Run) -> dict:
+    """One path step; returns its log record."""
+    from otaro.modules import set_precision
+
+    acc, cfg = run.accelerator, run.cfg
+    bits = run.path.next_bits()
+    plan = run.laa.plan(bits)
+    if plan.flush_before:
+        _flush(run, plan.divisor)
+    set_precision(run.raw, bits)
+    idx = run.order.shard(run.order.next_global_batch(), acc.process_index, acc.num_processes)
+    input_ids = run.train.input_ids[idx].to(acc.device)
+    labels = run.train.labels[idx].to(acc.device)
+    sync = acc.no_sync(run.model) if plan.accumulate else contextlib.nullcontext()
+    with sync:
+        with acc.autocast():
+            loss = _loss(run, input_ids, labels)
+        acc.backward(loss)
+    update = "accumulate" if plan.accumulate and not plan.step_after else "step"
+    if plan.step_after:
+        if plan.accumulate:  # the k-th low-bit step: this is the delayed update
+            _flush(run, plan.divisor)
+            update = "flush"
+        else:
+            _optimizer_step(run)
+    run.laa.commit(plan)
+    lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    global_loss = float(acc.reduce(loss.detach().float(), reduction="mean"))
+    run.path.observe(bits, global_loss)
+    run.step += 1
+    return {"step": run.step, "bits": bits, "loss": global_loss, "lr": lr, "update": update}
+
+
+@torch.no_grad()
+def evaluate(run: _Run, bits_list=None) -> dict[str, float]:
+    """Mean held-out loss per bit-width (first ``eval_batches`` blocks, the same every time)."""
+    from otaro.modules import set_precision
+
+    if run.heldout is None or len(run.heldout.input_ids) == 0:
+        return {}
+    acc = run.accelerator
+    n = min(len(run.heldout.input_ids), run.cfg.eval_batches)
+    idx = list(range(n))[acc.process_index :: acc.num_processes] or [0]
+    run.model.eval()
+    out = {}
+    for b in bits_list or run.cfg.trained_bits:
+        set_precision(run.raw, b)
+        losses = []
+        for i in idx:
+            with acc.autocast():
+                r = run.raw(input_ids=run.heldout.input_ids[i : i + 1].to(acc.device),
+                            labels=run.heldout.labels[i : i + 1].to(acc.device))
+            losses.append(r.loss.float())
+        out[str(b)] = float(acc.reduce(torch.stack(losses).mean(), reduction="mean"))
+    run.model.train()
+    return out
+
+
+def _trainer_state(run: _Run) -> dict:
+    return {
+        "step": run.step, "optimizer_updates": run.optimizer_updates, "config": run.cfg.to_dict(),
+        "path": run.path.state_dict(), "laa": run.laa.state_dict(), "order": run.order.state_dict(),
+        "scheduler": {k: v for k, v in run.scheduler.state_dict().items() if k != "lr_lambdas"},
+    }
+
+
+def _save(run: _Run, run_dir: Path) -> None:
+    from otaro.training.state import save_state
+
+    acc = run.accelerator
+    grads = None
+    if run.laa.pending:
+        mine = {n: p.grad.detach().clone() for n, p in run.raw.named_parameters() if p.grad is not None}
+        gathered = [mine] if acc.num_processes == 1 else _gather_objects(acc, mine)
+        grads = dict(enumerate(gathered))
+    save_state(run_dir, model=run.raw, optimizer=run.optimizer, trainer=_trainer_state(run), grads=grads,
+               is_main=acc.is_main_process)
+    acc.wait_for_everyone()
+
+
+def _gather_objects(acc, obj):
+    import torch.distributed as dist
+
+    out = [None] * acc.num_processes
+    dist.all_gather_object(out, {k: v.cpu() for k, v in obj.items()})
+    return out
+
+
+def _resume(run: _Run, run_dir: Path) -> None:
+    from otaro.training.state import load_state, read_trainer_json
+
+    meta = read_trainer_json(run_dir)
+    if meta is None:
+        raise OtaroError(f"--resume: no saved state in {run_dir}")
+    diff = run.cfg.resume_mismatch(meta["config"])
+    if diff:
+        raise OtaroError(f"--resume: {run_dir} was started with a different config ({', '.join(diff)})")
+    meta, grads = load_state(run_dir, model=run.raw, optimizer=run.optimizer, rank=run.accelerator.process_index)
+    run.step, run.optimizer_updates = meta["step"], meta["optimizer_updates"]
+    run.path.load_state_dict(meta["path"])
+    run.laa.load_state_dict(meta["laa"])
+    run.order.load_state_dict(meta["order"])
+    sched = run.scheduler.state_dict()
+    sched.update(meta["scheduler"])
+    run.scheduler.load_state_dict(sched)
+    if grads:
+        for n, p in run.raw.named_parameters():
+            if n in grads:
+                p.grad = grads[n].to(p.device, p.dtype)
+
+
+def _check_output(cfg: FinetuneConfig, run_dir: Path) -> None:
+    from otaro.training.state import read_trainer_json
+
+    out = Path(cfg.output)
+    if out.exists() and not cfg.overwrite:
+        raise OtaroError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    if not cfg.resume and not cfg.overwrite and read_trainer_json(run_dir) is not None:
+        raise OtaroError(f"{run_dir} holds an unfinished run: pass --resume to continue it or --overwrite to restart")
+
+
+def finetune(cfg: FinetuneConfig, show_progress: bool = True, stop_after: int | None = None) -> Path | None:
+    """Run (or resume) the fine-tuning and write the SEFP checkpoint; returns its path.
+
+    ``stop_after`` ends the process's work after that many steps without writing the final
+    checkpoint (state is saved first): tests use it to simulate an interrupted run.
+    """
+    from tqdm.auto import tqdm
+
+    from otaro import checkpoint
+    from otaro.io import write_json
+    from otaro.training.report import JsonlLog, plot_training, read_log
+
+    run_dir = run_dir_for(cfg.output)
+    _check_output(cfg, run_dir)
+    run = _prepare(cfg, show_progress)
+    acc = run.accelerator
+    if cfg.resume:
+        _resume(run, run_dir)
+    elif acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", cfg.to_dict())
+    log = JsonlLog(run_dir / "log.jsonl", acc.is_main_process, truncate_after_step=run.step if cfg.resume else None)
+    ema: dict[int, float] = {}
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="finetune", unit="step",
+               disable=not (show_progress and acc.is_main_process) or None)
+    with bar:
+        while run.step < cfg.steps:
+            rec = train_step(run)
+            ema[rec["bits"]] = rec["loss"] if rec["bits"] not in ema else 0.9 * ema[rec["bits"]] + 0.1 * rec["loss"]
+            log.write({**rec, "time": round(time.perf_counter() - t0, 3)})
+            bar.update(1)
+            bar.set_postfix_str(" ".join(f"b{b}:{v:.2f}" for b, v in sorted(ema.items())))
+            if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
+                log.write({"step": run.step, "eval": evaluate(run)})
+            if run.step % cfg.save_every == 0 and run.step < cfg.steps:
+                _save(run, run_dir)
+            if stop_after is not None and run.step >= stop_after:
+                return None
+    plan = run.laa.flush_plan()  # leftover low-bit gradients: apply them as a last delayed update
+    if plan.flush_before:
+        _flush(run, plan.divisor)
+    run.laa.commit(plan)
+    final_eval = evaluate(run)
+    log.write({"step": run.step, "eval": final_eval, "final": True})
+    if not acc.is_main_process:
+        acc.wait_for_everyone()
+        return Path(cfg.output)
+    history = list(run.path.history)
+    extra = {
+        "method": {"name": "otaro-finetune", "config": cfg.to_dict()},
+        "source": {"model": cfg.model, "kind": "finetune"},
+        "finetune": {
+            "path": history, "path_scheduler": run.path.describe(), "steps": run.step,
+            "optimizer_updates": run.optimizer_updates, "laa_flushes": getattr(run.laa, "flushes", None),
+            "final_heldout_loss": final_eval, "seconds": round(time.perf_counter() - t0, 2),
+        },
+    }
+    run.raw.eval()
+    path = checkpoint.save(run.raw, cfg.output, tokenizer=run.tokenizer, overwrite=cfg.overwrite, extra=extra,
+                           trained_bits=cfg.trained_bits)
+    plot_training(read_log(run_dir / "log.jsonl"), run_dir / "training.png", f"{Path(cfg.output).name}: path and loss")
+    acc.wait_for_everyone()
+    return path
