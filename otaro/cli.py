@@ -148,6 +148,69 @@ def inspect(path, as_json):
 
     click.echo(describe(path, as_json=as_json))
 
+@cli.command()
+@click.argument("model")
+@click.option("--data", "data", multiple=True, required=True,
+              help="Training text: .txt file, .jsonl (text or prompt/response), a folder, a saved `datasets` folder, or corpus:NAME (repeatable).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="SEFP checkpoint folder to write (run state and logs go to OUTPUT.run/).")
+@_bits_option()
+@click.option("--format", "fmt", default="sefp-g64-trunc", show_default=True, metavar="FORMAT", help="SEFP format to train.")
+@click.option("--path", "path_name", default="bps", show_default=True,
+              type=click.Choice(["bps", "round-robin", "random", "fixed"]), help="Bit-width path: BPS or an ablation.")
+@click.option("--fixed-bits", type=int, help="With --path fixed: the one bit-width to train (a per-bit 'model zoo' run).")
+@click.option("--segment-len", default=16, show_default=True, help="BPS: steps per path segment (the top precision gets >= 1 slot per segment).")
+@click.option("--explore", default="ucb", show_default=True, type=click.Choice(["ucb", "epsilon"]), help="BPS exploration rule.")
+@click.option("--ucb-c", default=1.0, show_default=True, help="BPS: UCB exploration weight.")
+@click.option("--epsilon", default=0.1, show_default=True, help="BPS: exploration probability with --explore epsilon.")
+@click.option("--score", default="gap", show_default=True, type=click.Choice(["gap", "loss"]), help="BPS score: loss gap to the top precision, or the loss.")
+@click.option("--laa/--no-laa", default=True, show_default=True, help="Low-precision asynchronous accumulation.")
+@click.option("--laa-threshold", default=4, show_default=True, help="LAA: bit-widths <= this accumulate.")
+@click.option("--laa-k", default=4, show_default=True, help="LAA: low-bit steps per delayed update.")
+@click.option("--steps", default=200, show_default=True)
+@click.option("--seq-len", default=512, show_default=True)
+@click.option("--batch-size", default=8, show_default=True, help="Global batch (split across processes).")
+@click.option("--lr", default=2e-5, show_default=True)
+@click.option("--schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "linear", "constant"]))
+@click.option("--warmup-steps", default=10, show_default=True)
+@click.option("--grad-clip", default=1.0, show_default=True)
+@click.option("--weight-decay", default=0.0, show_default=True)
+@click.option("--distill", default=0.0, show_default=True, help="Weight of a KL term to the full-precision model's logits.")
+@click.option("--mixed-precision", default="no", show_default=True, type=click.Choice(["no", "bf16", "fp16"]))
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--heldout-fraction", default=0.05, show_default=True)
+@click.option("--eval-every", default=50, show_default=True)
+@click.option("--save-every", default=50, show_default=True, help="Steps between resumable state saves.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run saved in OUTPUT.run/ (same config required).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output / run folder.")
+def finetune(model, data, output, bits, fmt, path_name, fixed_bits, segment_len, explore, ucb_c, epsilon, score, laa,
+             laa_threshold, laa_k, steps, seq_len, batch_size, lr, schedule, warmup_steps, grad_clip, weight_decay,
+             distill, mixed_precision, gradient_checkpointing, heldout_fraction, eval_every, save_every, seed, resume,
+             overwrite):
+    """Fine-tune MODEL once so that one SEFP checkpoint is good at every bit-width in --bits.
+
+    Each step runs the model at the bit-width the path picks (BPS: a score per bit-width plus
+    exploration; the top precision is never starved); low-bit gradients are accumulated and
+    applied as one delayed update (LAA). Runs on CPU, one GPU, or several with
+    `accelerate launch` / `torchrun` (same command). Logs, a resumable state and a plot of the
+    path and losses go to OUTPUT.run/.
+    """
+    from otaro.training.config import FinetuneConfig
+    from otaro.training.trainer import finetune as run
+
+    cfg = FinetuneConfig(
+        model=model, data=tuple(data), output=output, format=fmt, bits=bits, path=path_name, fixed_bits=fixed_bits,
+        segment_len=segment_len, explore=explore, ucb_c=ucb_c, epsilon=epsilon, score=score, laa=laa,
+        laa_threshold=laa_threshold, laa_k=laa_k, steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr,
+        schedule=schedule, warmup_steps=warmup_steps, grad_clip=grad_clip, weight_decay=weight_decay, distill=distill,
+        mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+        heldout_fraction=heldout_fraction, eval_every=eval_every, save_every=save_every, seed=seed, resume=resume,
+        overwrite=overwrite,
+    )
+    path = run(cfg)
+    if path is not None:
+        click.echo(f"wrote {path} (logs and training.png in {path}.run)")
+
 
 def _not_built(verb: str, issue: str):
     @cli.command(name=verb, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
@@ -158,7 +221,6 @@ def _not_built(verb: str, issue: str):
     return cmd
 
 
-_not_built("finetune", "once-for-all fine-tuning with bit-width path search (BPS) and LAA.")
 _not_built("export", "ONNX export of one SEFP model plus GPTQ/AWQ and fixed-precision variants.")
 _not_built("run", "generate with the torch-free runtime at a chosen precision, switching on the fly.")
 _not_built("profile", "latency and memory per bit-width per device.")

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,9 @@ def _prepare(cfg: FinetuneConfig, show_progress: bool) -> _Run:
     from otaro.training.laa import LAA, LAAConfig
 
     _check_device(cfg)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    # cpu=True on a machine without CUDA: otherwise accelerate does not start gloo under
+    # torchrun and every process would train alone (FACTS.md).
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     if cfg.batch_size % accelerator.num_processes:
         raise OtaroError(f"batch size {cfg.batch_size} is not divisible by {accelerator.num_processes} processes")
     src = load_source(cfg.model)
@@ -184,7 +187,11 @@ def train_step(run: _Run) -> dict:
             _optimizer_step(run)
     run.laa.commit(plan)
     lr = run.scheduler.get_last_lr()[0]
-    run.scheduler.step()
+    with warnings.catch_warnings():
+        # The schedule follows path steps on purpose (see lr_lambda): an LAA accumulate step
+        # advances it without an optimizer step, which torch warns about.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        run.scheduler.step()
     global_loss = float(acc.reduce(loss.detach().float(), reduction="mean"))
     run.path.observe(bits, global_loss)
     run.step += 1
@@ -305,6 +312,8 @@ def finetune(cfg: FinetuneConfig, show_progress: bool = True, stop_after: int | 
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=run.step, desc="finetune", unit="step",
                disable=not (show_progress and acc.is_main_process) or None)
+    if run.step == 0:
+        log.write({"step": 0, "eval": evaluate(run)})  # the starting point of every curve
     with bar:
         while run.step < cfg.steps:
             rec = train_step(run)
