@@ -64,6 +64,11 @@ order of precedence:
    ``argmax_b S_b``, ties going to the smallest ``n_b + v_b`` (the same virtual-visit
    penalty as UCB's bonus).
 
+   With ``score="gap"`` the argmax of rules 3 runs over the bit-widths *below* the top (its
+   score is 0 by definition, and early in training the lower bit-widths' gaps are negative
+   because the top's EMA still remembers the first, high losses, so the top would win every
+   argmax and the path would lock onto it); the top gets its slots from rule 1.
+
 Remaining ties go to the lower bit-width. The only randomness is the ``epsilon`` draw (seeded
 ``random.Random(seed)``), so a seed fixes the path given the observed losses.
 
