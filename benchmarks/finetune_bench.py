@@ -53,7 +53,7 @@ def train_all(args, cache: Path) -> dict:
         cfg = FinetuneConfig(
             model=args.model, data=("corpus:brown-train",), output=str(out), format=FMT, steps=args.steps,
             seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, args.steps // 10),
-            heldout_fraction=0.01, eval_every=max(1, args.steps // 4), save_every=args.steps, eval_batches=2,
+            heldout_fraction=0.01, eval_every=max(1, args.steps // 2), save_every=args.steps, eval_batches=1,
             seed=args.seed, overwrite=True, **kw,
         )
         manifest = out / "otaro.json"
@@ -224,12 +224,12 @@ def plot(rows, path: Path):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-windows", type=int, default=6)
+    ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--zoo-bits", default="2,3,4,8")
     ap.add_argument("--reuse", action="store_true", help="reuse checkpoints of an earlier run with the same settings")
