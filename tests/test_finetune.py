@@ -168,3 +168,24 @@ def test_two_process_run_matches_one_process_with_the_same_global_batch(tmp_path
     # rounding amplified over 8 Adam steps, not bit-exact.
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=1e-4) or torch.equal(a[k], b[k]), k
+
+
+def test_bf16_gradient_checkpointing_and_distillation_run(tmp_path, corpus):
+    out = finetune(cfg(corpus, tmp_path / "m", steps=4, mixed_precision="bf16", gradient_checkpointing=True,
+                       distill=0.5, eval_every=4), show_progress=False)
+    log = read_log(run_dir_for(out) / "log.jsonl")
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 4 and all(l == l and l > 0 for l in losses)  # finite, positive
+    m = json.loads((out / "otaro.json").read_text())
+    assert m["method"]["config"]["distill"] == 0.5
+
+
+def test_jsonl_prompt_response_data_trains(tmp_path):
+    data = tmp_path / "chat.jsonl"
+    rows = [{"prompt": f"Question {i}: what does the miller count?", "response": " His sacks of grain, one by one."}
+            for i in range(40)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = finetune(FinetuneConfig(model="tiny-qwen2", data=(str(data),), output=str(tmp_path / "q"), steps=4, seq_len=32,
+                                  batch_size=2, bits=(3, 8), heldout_fraction=0.1, eval_every=4, eval_batches=1),
+                   show_progress=False)
+    assert (out / "otaro.json").is_file()

@@ -86,6 +86,13 @@ def _prepare(cfg: FinetuneConfig, show_progress: bool) -> _Run:
     _check_device(cfg)
     # cpu=True on a machine without CUDA: otherwise accelerate does not start gloo under
     # torchrun and every process would train alone (FACTS.md).
+    # AcceleratorState is a process-wide singleton that refuses a second run with another
+    # mixed precision; reset it (not the process group) so finetune() can be called repeatedly
+    # from one Python process (benchmarks, notebooks). accelerate's own tests do the same.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     if cfg.batch_size % accelerator.num_processes:
         raise OtaroError(f"batch size {cfg.batch_size} is not divisible by {accelerator.num_processes} processes")
