@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -187,38 +186,12 @@ def goals(rows, zoo_bits) -> list[dict]:
 
 
 def plot(rows, path: Path):
-    import matplotlib
+    from plots import ppl_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.8), dpi=120, squeeze=False)
     styles = {"sefp-rtn": ":x", "otaro": "-o", "random-path": "--^", "round-robin": "--v", "no-laa": "--s",
               "zoo": "D", "int-rtn-g128-asym": ":+"}
-    for ax, d in zip(axes[0], datasets):
-        series = defaultdict(list)
-        for r in rows:
-            if r["dataset"] == d:
-                series[r["method"]].append(r)
-        for meth, pts in series.items():
-            if meth == "fp32":
-                ax.axhline(pts[0]["ppl"], color="k", ls="--", lw=1, label="fp32")
-                continue
-            pts.sort(key=lambda r: r["bits"])
-            ax.plot([p["bits"] for p in pts], [p["ppl"] for p in pts], styles.get(meth, "-"), ms=5, label=meth)
-        ax.set_yscale("log")
-        ax.set_xlabel("weight bit-width b")
-        ax.set_ylabel("perplexity (log)")
-        ax.set_title(f"SmolLM2-135M fine-tuning — {d}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    from otaro.io import atomic_file
-
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    ppl_panels(rows, path, series="method", x="bits", xlabel="weight bit-width b",
+               title=lambda d: f"SmolLM2-135M fine-tuning — {d}", style=lambda name: styles.get(name, "-"))
 
 
 def main() -> int:

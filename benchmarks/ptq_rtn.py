@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -32,37 +31,11 @@ def int_formats() -> list[str]:
 
 
 def plot(rows, path: Path) -> None:
-    import matplotlib
+    from plots import ppl_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.6), dpi=120, squeeze=False)
-    for ax, d in zip(axes[0], datasets):
-        series = defaultdict(list)
-        for r in rows:
-            if r["dataset"] == d:
-                series[r["label"]].append(r)
-        for label, pts in series.items():
-            if label == "fp32":
-                ax.axhline(pts[0]["ppl"], color="k", ls="--", lw=1, label="fp32")
-                continue
-            pts.sort(key=lambda r: r["bits"])
-            style = "-o" if label.startswith("sefp") else ":s"
-            ax.plot([p["bits_per_weight"] for p in pts], [p["ppl"] for p in pts], style, ms=4, label=label)
-        ax.set_yscale("log")
-        ax.set_xlabel("bits per weight (exponent / scale / zero point included)")
-        ax.set_ylabel("perplexity (log)")
-        ax.set_title(f"SmolLM2-135M RTN — {d}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    from otaro.io import atomic_file
-
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    ppl_panels(rows, path, series="label", x="bits_per_weight",
+               xlabel="bits per weight (exponent / scale / zero point included)",
+               title=lambda d: f"SmolLM2-135M RTN — {d}", style=lambda name: "-o" if name.startswith("sefp") else ":s")
 
 
 def fmt_ppl(ppl: float) -> str:
