@@ -96,7 +96,7 @@ class SEFPLinear(nn.Module):
         """The stored 8-bit (mantissa, exponent): buffers, or encoded from the master weight."""
         if self.packed:
             return self.mantissa, self.exponent
-        return Q.sefp_encode(self.weight.detach(), self.fmt, check=False)
+        return Q.sefp_encode(self.weight.detach(), self.fmt)
 
     def quantized_weight(self, bits: int | None = None) -> torch.Tensor:
         bits = self.bits if bits is None else bits
