@@ -12,12 +12,13 @@ BENCH_STAMP := $(VENV)/.bench-installed
 DEMO_OUT ?= out/demo
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-all demo bench assets clean
+.PHONY: help venv test test-all demo bench bench-finetune assets clean
 
 help:
 	@echo "make demo   - quantize the default model (SmolLM2-135M) with RTN-SEFP and print perplexity at 2..8 bits"
 	@echo "make test   - run the tests (offline, CPU)"
-	@echo "make bench  - re-run the benchmarks and rewrite benchmarks/RESULTS.md"
+	@echo "make bench  - re-run the RTN benchmark and rewrite its section of benchmarks/RESULTS.md"
+	@echo "make bench-finetune - re-run the once-for-all fine-tuning benchmark (~75 min on 2 cores)"
 	@echo "make clean  - remove .venv and outputs"
 
 $(VENV)/bin/python:
@@ -53,6 +54,10 @@ demo: assets
 
 bench: assets
 	$(PY) benchmarks/ptq_rtn.py
+
+# About 75 minutes on 2 CPU cores: 8 fine-tuning runs (OTARo, 3 ablations, a 4-bit-width zoo).
+bench-finetune: assets
+	$(PY) benchmarks/finetune_bench.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis
