@@ -4,6 +4,7 @@ user mistakes (``OtaroError``) print one line and exit 1, with no traceback and 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -143,7 +144,7 @@ def eval_cmd(model, texts, corpora, bits, fmts, no_baseline, seq_len, max_window
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def inspect(path, as_json):
-    """Show a checkpoint's manifest, its layers and what each precision costs in bytes."""
+    """Show a checkpoint or exported artifact: manifest, layers or variants, and what each precision costs in bytes."""
     from otaro.inspect import describe
 
     click.echo(describe(path, as_json=as_json))
@@ -221,7 +222,60 @@ def _not_built(verb: str, issue: str):
     return cmd
 
 
-_not_built("export", "ONNX export of one SEFP model plus GPTQ/AWQ and fixed-precision variants.")
+EXPORTERS = {"onnx": "otaro.export.artifact"}  # format -> module with export(ExportConfig)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
+@click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(sorted(EXPORTERS)),
+              help="Export format.")
+@click.option("--variant", "variants", multiple=True, metavar="SPEC",
+              help="Also write variants/<name>/ (repeatable): sefp:B[,B...] for fixed-precision MatMulNBits copies "
+                   "of the SEFP model, or [NAME=]PATH for an integer checkpoint (GPTQ/AWQ/RTN from `otaro quantize`).")
+@click.option("--bits", "default_bits", type=click.IntRange(2, 8),
+              help="Precision the single model runs at in stock runtimes [default: the checkpoint's, usually 8].")
+@click.option("--accuracy-level", default=4, show_default=True, type=click.IntRange(0, 4),
+              help="MatMulNBits accuracy_level: 4 = int8 activations (fast; ~0.5%% activation rounding), "
+                   "1 = fp32 activations (exact; 2/8-bit containers then dequantize per call on CPU, much slower).")
+@click.option("--validate/--no-validate", default=True, show_default=True,
+              help="Check every bit-width and variant against torch (logits and greedy tokens).")
+@click.option("--validate-tokens", default=8, show_default=True, help="Greedy tokens compared per check.")
+@click.option("--threads", type=int, help="onnxruntime threads for validation [default: all cores].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+def export(checkpoint, output, fmt, variants, default_bits, accuracy_level, validate, validate_tokens, threads,
+           overwrite):
+    """Export an SEFP CHECKPOINT as one ONNX model that runs at every bit-width, plus variants.
+
+    The folder holds model.onnx (+ model.onnx_data): int8 mantissas and per-group exponents stored
+    once, as an ai.otaro.SefpMatMul model-local function made of standard ONNX ops, so plain
+    onnxruntime, optimum's ORTModelForCausalLM and onnxruntime-genai run it (at --bits) while the
+    otaro runtime switches precision without a second file. It also holds config, tokenizer,
+    genai_config.json, otaro_artifact.json (manifest with checksums and validation results) and
+    variants/ (MatMulNBits models, each a runnable folder).
+
+    \b
+    Examples:
+      otaro export ck-sefp -o art
+      otaro export ck-sefp -o art --variant sefp:4 --variant gptq=ck-int4-gptq --accuracy-level 4
+    """
+    import importlib
+
+    from otaro.export.artifact import ExportConfig
+
+    cfg = ExportConfig(checkpoint=Path(checkpoint), output=Path(output), variants=tuple(variants),
+                       default_bits=default_bits, accuracy_level=accuracy_level, validate=validate,
+                       validate_tokens=validate_tokens, overwrite=overwrite, threads=threads)
+    m = importlib.import_module(EXPORTERS[fmt]).export(cfg, progress=lambda s: click.echo(f"• {s}", err=True))
+    val = m["validation"]
+    if val.get("skipped"):
+        summary = "validation skipped"
+    else:
+        n = len(val["results"])
+        summary = f"validated {n}/{n} (bits {','.join(str(b) for b in m['bits'])} + {len(m['variants'])} variants)"
+    click.echo(f"wrote {output} in {m['export_seconds']:.1f} s: {summary}; `otaro inspect {output}` for details")
+
+
 _not_built("run", "generate with the torch-free runtime at a chosen precision, switching on the fly.")
 _not_built("profile", "latency and memory per bit-width per device.")
 

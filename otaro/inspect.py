@@ -22,9 +22,68 @@ def precision_bytes(manifest: dict) -> dict[int, dict[str, int]]:
     return out
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.2f} MiB"
+
+
+def _dir_bytes(files: dict) -> int:
+    return sum(rec["bytes"] for rec in files.values())
+
+
+def describe_artifact(path: str | Path, as_json: bool = False) -> str:
+    """An exported artifact: manifest, variants, what each precision costs, validation."""
+    from otaro.runtime.artifact import read_manifest
+
+    m = read_manifest(path)
+    if as_json:
+        return json.dumps(m, indent=2)
+    s, arch = m["sefp"], m["architecture"]
+    model_bytes = _dir_bytes(m["model"]["files"])
+    lines = [
+        f"artifact     {path}  ({m['format']}, artifact v{m['otaro_artifact']}, otaro {m['tools'].get('otaro')})",
+        f"architecture {arch['arch']} ({arch['model_type']}), {arch.get('num_hidden_layers')} blocks, "
+        f"{len(m['layers'])} quantized linears, vocab {arch.get('vocab_size')}",
+        f"number format {s['format']} (group {s['group_size']}, {s['rounding']}), stored once as int8 mantissas + "
+        f"exponents in {s['domain']}.{s['function']}",
+        f"bits         {m['bits']}  default {m['default_bits']} (the `{s['bits_input']}` initializer)  "
+        f"trained for {m.get('trained_bits') or 'none (post-training)'}",
+        f"files        {m['model']['file']} + {m['model']['data']}: {_mib(model_bytes)} on disk "
+        f"(float part {_mib(m['float_bytes'])}); accuracy_level {m['accuracy_level']}",
+        "",
+        "bits  container  in memory at this precision   a separate per-bit file would be",
+    ]
+    zoo = 0
+    for b, rec in m["precisions"].items():
+        zoo += rec["model_bytes"]
+        c = rec["container_bits"] or "float"
+        lines.append(f"{b:>4}  {c!s:>9}  {_mib(rec['weight_bytes']):>14} weights    {_mib(rec['model_bytes']):>14}")
+    lines.append(f"      one file for all {len(m['precisions'])} precisions: {_mib(model_bytes)} vs "
+                 f"{_mib(zoo)} for the per-bit files ({zoo / max(model_bytes, 1):.1f}x)")
+    lines += ["", f"variants ({len(m['variants'])})"]
+    for v in m["variants"]:
+        lines.append(f"  {v['path']:<32} {v['kind']:<10} {v['format']:<18} {v['bits']} bits in a "
+                     f"{v['container_bits']}-bit MatMulNBits, accuracy_level {v['accuracy_level']}, "
+                     f"{_mib(_dir_bytes(v['files']))}")
+    val = m["validation"]
+    if val.get("skipped"):
+        lines += ["", "validation   skipped at export (--no-validate)"]
+    else:
+        lines += ["", f"validation vs torch (exact accuracy_level {val['exact_accuracy_level']}, relative tolerance "
+                      f"{val['relative_tolerance']:g}, {val['prompt_tokens']} prompt + {val['new_tokens']} greedy tokens)",
+                  "  model                     bits  max|dlogit|  greedy  | at level  max|dlogit|  greedy"]
+        for r in val["results"]:
+            lines.append(f"  {r['model']:<25} {r['bits']:>4}  {r['max_abs_diff']:>10.2e}  "
+                         f"{'equal' if r['greedy_equal'] else 'DIFF':>6}  | {r['shipped_level']:>8}  "
+                         f"{r['shipped_max_abs_diff']:>10.2e}  {'equal' if r['shipped_greedy_equal'] else 'differ':>6}")
+    return "\n".join(lines)
+
+
 def describe(path: str | Path, as_json: bool = False) -> str:
     from otaro.checkpoint import read_manifest
+    from otaro.runtime.artifact import is_artifact
 
+    if is_artifact(path):
+        return describe_artifact(path, as_json)
     m = read_manifest(path)
     if as_json:
         return json.dumps(m, indent=2)

@@ -17,8 +17,12 @@ SAMPLE_TEXT = (
 )
 
 
-def tiny_model(arch: str = "llama", seed: int = 0):
-    """A 2-layer random model of a registered architecture, in eval mode, fp32."""
+def tiny_model(arch: str = "llama", seed: int = 0, init_std: float | None = None):
+    """A 2-layer random model of a registered architecture, in eval mode, fp32.
+
+    ``init_std`` re-draws every matrix from N(0, init_std²): with the configs' default (0.02)
+    the embeddings dominate and greedy decoding just repeats a token, which makes token-level
+    comparisons (export validation) vacuous; 0.15 gives varied continuations."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -27,6 +31,12 @@ def tiny_model(arch: str = "llama", seed: int = 0):
     adapter = ARCHS.get(arch) or get_adapter(arch)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(adapter.tiny_config(), dtype=torch.float32)
+    if init_std is not None:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.copy_(torch.randn(p.shape, generator=gen) * init_std)
     return model.eval()
 
 

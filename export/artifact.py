@@ -1,0 +1,353 @@
+"""``otaro export --format onnx``: checkpoint(s) -> one artifact folder.
+
+Order of work (every user mistake is found in step 1, before anything is computed or written):
+
+1. read the SEFP checkpoint and every variant source; check formats, architectures, shapes;
+2. trace the float decoder once per source model (optimum), find each linear's MatMul;
+3. rewrite: the single SEFP model, then each variant (MatMulNBits);
+4. validate every bit-width and variant against torch (unless ``validate=False``);
+5. write the manifest last, inside a temporary folder renamed into place at the very end.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from otaro import __version__
+from otaro.errors import OtaroError
+from otaro.export import rewrite, trace, validate
+from otaro.export.genai import genai_config
+from otaro.formats import IntFormat, SEFPFormat
+from otaro.formats import onnx_ops as ops
+from otaro.formats.intq import IntTensor
+from otaro.formats.pack import int_to_matmulnbits, sefp_to_matmulnbits
+from otaro.formats.sefp import SEFPTensor
+from otaro.io import atomic_dir, sha256_file, write_json
+from otaro.runtime.artifact import FORMAT_VERSION, MANIFEST, check_name
+
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+COPIED_FILES = ("config.json", "generation_config.json")
+_SEFP_SPEC = re.compile(r"^sefp:(\d(?:,\d)*)$")
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    kind: str  # "sefp" (fixed precision of the main checkpoint) | "int" (another checkpoint)
+    bits: int | None = None
+    source: Path | None = None
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    checkpoint: Path
+    output: Path
+    variants: tuple[str, ...] = ()
+    default_bits: int | None = None  # None: the checkpoint's default (8 unless set)
+    accuracy_level: int = 4
+    validate: bool = True
+    validate_tokens: int = 8
+    overwrite: bool = False
+    threads: int | None = None
+
+
+def parse_variants(specs: tuple[str, ...]) -> list[VariantSpec]:
+    """``sefp:4`` / ``sefp:2,4`` (fixed-precision copies of the SEFP model), ``PATH`` or
+    ``NAME=PATH`` (an integer checkpoint from ``otaro quantize``: RTN, GPTQ, AWQ)."""
+    out: list[VariantSpec] = []
+    for spec in specs:
+        m = _SEFP_SPEC.match(spec)
+        if m:
+            out += [VariantSpec(f"sefp-b{b}", "sefp", bits=int(b)) for b in m[1].split(",")]
+            continue
+        if spec.startswith("sefp"):
+            raise OtaroError(f"variant {spec!r}: write fixed SEFP precisions as sefp:B or sefp:B,B (B in 2-8)")
+        name, sep, path = spec.partition("=")
+        src = Path(path if sep else spec)
+        out.append(VariantSpec(check_name(name, "variant name") if sep else "", "int", source=src))
+    names = [v.name for v in out if v.name]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise OtaroError(f"variant {dup[0]!r} is requested twice")
+    return out
+
+
+def _load_checkpoint(path: Path, role: str):
+    from otaro import checkpoint
+
+    if not path.exists():
+        raise OtaroError(f"{role} {path} does not exist")
+    if not checkpoint.is_checkpoint(path):
+        raise OtaroError(f"{role} {path} is not an otaro checkpoint (make one with `otaro quantize` or `otaro finetune`)")
+    model = checkpoint.load(path)
+    return model, model.otaro_manifest, checkpoint.load_tokenizer(path)
+
+
+def _layer_shapes(manifest: dict) -> dict[str, tuple[int, int]]:
+    return {n: (l["in_features"], l["out_features"]) for n, l in manifest["layers"].items()}
+
+
+def _sefp_tensor(layer, fmt: SEFPFormat) -> SEFPTensor:
+    return SEFPTensor(layer.mantissa.numpy(), layer.exponent.numpy(), layer.in_features, fmt)
+
+
+def _int_tensor(layer) -> IntTensor:
+    return IntTensor(layer.qweight.numpy().astype(np.int16), layer.scales.numpy().astype(np.float32),
+                     layer.zeros.numpy().astype(np.int16), layer.in_features, layer.fmt)
+
+
+def _nbits(B, scales, zp, layer, container: int, G: int) -> rewrite.NBitsWeight:
+    return rewrite.NBitsWeight(B, scales, zp, layer.in_features, layer.out_features, container, G)
+
+
+def _files(root: Path, names) -> dict[str, dict]:
+    return {n: {"sha256": sha256_file(root / n), "bytes": (root / n).stat().st_size} for n in sorted(names)}
+
+
+def _copy_side_files(trace_dir: Path, dest: Path, tokenizer, hf_config: dict, graph, accuracy_level: int) -> list[str]:
+    names = []
+    for n in COPIED_FILES:
+        if (trace_dir / n).is_file():
+            shutil.copyfile(trace_dir / n, dest / n)
+            names.append(n)
+    if tokenizer is not None:
+        names += [Path(p).name for p in tokenizer.save_pretrained(str(dest)) if Path(p).parent == dest]
+    write_json(dest / "genai_config.json", genai_config(hf_config, graph, accuracy_level=accuracy_level))
+    names.append("genai_config.json")
+    return sorted(set(names))
+
+
+def _tool_versions() -> dict[str, str]:
+    import onnxruntime
+    import optimum
+    import torch
+    import transformers
+
+    return {"otaro": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "optimum": getattr(optimum, "__version__", "?"),
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _float_bytes(proto_path: Path, quantized_inits: set[str]) -> int:
+    """Bytes of the initializers that stay float (embeddings, norms, biases, head)."""
+    proto = onnx.load(str(proto_path), load_external_data=False)
+    total = 0
+    for t in proto.graph.initializer:
+        if t.name in quantized_inits:
+            continue
+        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+def _precision_sizes(fmt: SEFPFormat, layers: dict[str, tuple[int, int]], float_bytes: int) -> dict[str, dict]:
+    """What a runtime holds at each b (MatMulNBits container + fp32 scales + the float rest):
+    also the size of a separate per-bit file, the model-zoo alternative."""
+    out = {}
+    for b in fmt.bits:
+        c = fmt.container_bits(b)
+        w = sum(-(-K // fmt.group_size) * N * (fmt.group_size * (c or 16) // 8 + 4) for K, N in layers.values())
+        out[str(b)] = {"container_bits": c, "weight_bytes": w, "model_bytes": w + float_bytes}
+    return out
+
+
+class _Exporter:
+    def __init__(self, cfg: ExportConfig, progress: Callable[[str], None]):
+        self.cfg, self.say = cfg, progress
+
+    # -- step 1 -------------------------------------------------------------------------
+    def read_inputs(self) -> None:
+        cfg = self.cfg
+        if cfg.accuracy_level not in ACCURACY_LEVELS:
+            raise OtaroError(f"accuracy level {cfg.accuracy_level} is not one of {list(ACCURACY_LEVELS)}")
+        if cfg.output.exists() and not cfg.overwrite:
+            raise OtaroError(f"output folder {cfg.output} already exists (pass --overwrite to replace it)")
+        self.specs = parse_variants(cfg.variants)
+        self.model, self.manifest, self.tokenizer = _load_checkpoint(cfg.checkpoint, "checkpoint")
+        self.fmt = self.model.otaro.fmt
+        if not isinstance(self.fmt, SEFPFormat):
+            raise OtaroError(f"{cfg.checkpoint} holds {self.fmt.name} weights; the exported model must be SEFP "
+                             f"(pass integer checkpoints as variants: --variant {cfg.checkpoint})")
+        self.bits = tuple(self.fmt.bits)
+        self.default_bits = cfg.default_bits or self.manifest.get("default_bits") or self.fmt.top_bits
+        if self.default_bits not in self.bits:
+            raise OtaroError(f"default bits {self.default_bits} is not one of the format's {list(self.bits)}")
+        shapes = _layer_shapes(self.manifest)
+        self.sources = {}
+        for i, v in enumerate(self.specs):
+            if v.kind == "sefp":
+                self.fmt.check_bits(v.bits)
+                continue
+            model, man, tok = _load_checkpoint(v.source, "variant source")
+            fmt = model.otaro.fmt
+            if not isinstance(fmt, IntFormat):
+                raise OtaroError(f"variant source {v.source} holds {fmt.name} weights; variants from other "
+                                 f"checkpoints must be integer (GPTQ/AWQ/RTN); use sefp:B for SEFP precisions")
+            if man["model_type"] != self.manifest["model_type"] or _layer_shapes(man) != shapes:
+                raise OtaroError(f"variant source {v.source} is a different model than {cfg.checkpoint} "
+                                 f"(architecture or layer shapes differ)")
+            name = v.name or check_name(f"{fmt.name}-{man.get('method', {}).get('name', 'int')}", "variant name")
+            self.specs[i] = VariantSpec(name, "int", source=v.source)
+            self.sources[name] = (model, man, tok)
+        names = [v.name for v in self.specs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise OtaroError(f"two variants would be named {dup[0]!r}: name them with NAME=PATH")
+
+    # -- steps 2-3 ----------------------------------------------------------------------
+    def trace(self, model, where: Path):
+        fmodel = trace.float_copy(model)
+        path = trace.trace_decoder(fmodel, where)
+        proto = onnx.load(str(path), load_external_data=False)
+        located = trace.locate_linears(onnx.load(str(path)), fmodel, list(self.manifest["layers"]))
+        return path, fmodel.config.to_dict(), proto.graph, located
+
+    def write_main(self, out: Path, scratch: Path) -> dict:
+        self.say("tracing the float decoder (optimum)")
+        self.traced, self.hf_config, graph, self.located = self.trace(self.model, scratch / "main")
+        self.say(f"rewriting {len(self.located)} linears as {ops.SEFP_OP} ({self.fmt.name}, default {self.default_bits} bits)")
+        layers = self.model.otaro.layers
+        proto = onnx.load(str(self.traced))
+        tensors = {n: _sefp_tensor(self.model.get_submodule(n), self.fmt) for n in layers}
+        rewrite.rewrite_sefp(proto, self.located, tensors, self.fmt, self.default_bits)
+        self.tied = rewrite.share_tied_head(proto)
+        rewrite.finalize(proto, {"otaro.artifact": str(FORMAT_VERSION), "otaro.format": self.fmt.name,
+                                 "otaro.bits_input": ops.BITS_INPUT, "otaro.default_bits": str(self.default_bits)})
+        files = rewrite.save(proto, out / "model.onnx")
+        side = _copy_side_files(self.traced.parent, out, self.tokenizer, self.hf_config, proto.graph,
+                                self.cfg.accuracy_level)
+        quantized = {f"{n}.mantissa" for n in layers} | {f"{n}.scale8" for n in layers}
+        self.float_bytes = _float_bytes(out / "model.onnx", quantized)
+        return {"model_files": [f.name for f in files], "side_files": side}
+
+    def write_variant(self, v: VariantSpec, out: Path, scratch: Path) -> dict:
+        dest = out / "variants" / v.name
+        dest.mkdir(parents=True)
+        if v.kind == "sefp":
+            model, traced, located, hf, tok = self.model, self.traced, self.located, self.hf_config, self.tokenizer
+            weights = {}
+            for n in model.otaro.layers:
+                layer = model.get_submodule(n)
+                B, s, c = sefp_to_matmulnbits(_sefp_tensor(layer, self.fmt), v.bits)
+                weights[n] = _nbits(B, s, None, layer, c, self.fmt.group_size)
+            fmt_name, bits, container = self.fmt.name, v.bits, self.fmt.container_bits(v.bits)
+        else:
+            model, man, tok = self.sources[v.name]
+            self.say(f"tracing variant {v.name}")
+            traced, hf, _, located = self.trace(model, scratch / v.name)
+            fmt = model.otaro.fmt
+            weights = {}
+            for n in model.otaro.layers:
+                layer = model.get_submodule(n)
+                B, s, zp = int_to_matmulnbits(_int_tensor(layer))
+                weights[n] = _nbits(B, s, zp, layer, fmt.container_bits(), fmt.group_size)
+            fmt_name, bits, container = fmt.name, fmt.bits, fmt.container_bits()
+        if v.kind == "sefp" and container is None:
+            raise OtaroError(f"variant {v.name}: {self.fmt.name} at {v.bits} bits has no MatMulNBits container")
+        self.say(f"writing variant {v.name} (MatMulNBits, {container}-bit container, accuracy_level {self.cfg.accuracy_level})")
+        proto = onnx.load(str(traced))
+        rewrite.rewrite_matmulnbits(proto, located, weights, self.cfg.accuracy_level)
+        rewrite.share_tied_head(proto)
+        rewrite.finalize(proto, {"otaro.artifact": str(FORMAT_VERSION), "otaro.format": fmt_name,
+                                 "otaro.variant": v.name})
+        files = rewrite.save(proto, dest / "model.onnx")
+        side = _copy_side_files(traced.parent, dest, tok, hf, proto.graph, None)
+        rec = {"name": v.name, "path": f"variants/{v.name}", "kind": "sefp-fixed" if v.kind == "sefp" else "int",
+               "format": fmt_name, "bits": bits, "container_bits": container,
+               "accuracy_level": self.cfg.accuracy_level,
+               "source": str(self.cfg.checkpoint if v.kind == "sefp" else v.source),
+               "files": _files(dest, [f.name for f in files] + side)}
+        if v.kind == "int":
+            rec["method"] = self.sources[v.name][1].get("method", {})
+        return rec
+
+    # -- step 4 -------------------------------------------------------------------------
+    def validate(self, out: Path, variants: list[dict]) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        prompt = validate.prompt_ids(self.tokenizer, int(self.hf_config["vocab_size"]))
+        jobs = [("main", out / "model.onnx", self.model, b, True) for b in self.bits]
+        for v in variants:
+            model = self.model if v["kind"] == "sefp-fixed" else self.sources[v["name"]][0]
+            jobs.append((v["name"], out / v["path"] / "model.onnx", model, v["bits"], False))
+        checks = []
+        for name, path, model, b, sefp_bits in tqdm(jobs, desc="validating", unit="model", leave=False):
+            if hasattr(model, "set_precision") and model.otaro.fmt.family == "sefp":
+                model.set_precision(b)
+            checks.append(validate.check(name, path, model, b, prompt, cfg.validate_tokens, cfg.accuracy_level,
+                                         sefp_bits=sefp_bits, threads=cfg.threads))
+        if hasattr(self.model, "set_precision"):
+            self.model.set_precision(self.default_bits)
+        failed = [c for c in checks if not c.passed]
+        if failed:
+            lines = "; ".join(f"{c.model} at {c.bits} bits: max |Δlogit| {c.max_abs_diff:.2e} (tolerance "
+                              f"{c.tolerance:.2e}), greedy tokens {'equal' if c.greedy_equal else 'differ'}"
+                              for c in failed)
+            raise OtaroError(f"validation against torch failed — {lines}. Nothing was written; "
+                             f"--no-validate exports anyway")
+        return {"skipped": False, "exact_accuracy_level": validate.EXACT_LEVEL, "relative_tolerance": validate.REL_TOL,
+                "prompt_tokens": len(prompt), "new_tokens": cfg.validate_tokens,
+                "results": [c.record() for c in checks]}
+
+    # -- all ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.read_inputs()
+        cfg = self.cfg
+        t0 = _dt.datetime.now(_dt.timezone.utc)
+        with atomic_dir(cfg.output, overwrite=cfg.overwrite) as out, \
+                tempfile.TemporaryDirectory(prefix="otaro-trace-") as scratch:
+            main = self.write_main(out, Path(scratch))
+            variants = [self.write_variant(v, out, Path(scratch)) for v in self.specs]
+            validation = self.validate(out, variants) if cfg.validate else {"skipped": True}
+            shapes = _layer_shapes(self.manifest)
+            manifest = {
+                "otaro_artifact": FORMAT_VERSION,
+                "format": "onnx",
+                "created": t0.isoformat(timespec="seconds"),
+                "export_seconds": round((_dt.datetime.now(_dt.timezone.utc) - t0).total_seconds(), 2),
+                "source": {"checkpoint": str(cfg.checkpoint), "method": self.manifest.get("method"),
+                           "source_model": self.manifest.get("source")},
+                "architecture": {"arch": self.manifest["arch"], "model_type": self.manifest["model_type"],
+                                 "num_hidden_layers": self.hf_config.get("num_hidden_layers"),
+                                 "vocab_size": self.hf_config.get("vocab_size")},
+                "model": {"file": "model.onnx", "data": "model.onnx" + rewrite.DATA_SUFFIX,
+                          "opset": ops.OPSET, "ir_version": ops.IR_VERSION,
+                          "files": _files(out, main["model_files"])},
+                "sefp": {"format": self.fmt.name, "group_size": self.fmt.group_size, "rounding": self.fmt.rounding,
+                         "top_bits": self.fmt.top_bits, "exponent_bits": self.fmt.exponent_bits,
+                         "domain": ops.DOMAIN, "function": ops.function_name(self.fmt), "bits_input": ops.BITS_INPUT,
+                         "layout": "mantissa int8 [K, N]; scale8 float32 [ceil(K/G), N] = 2^(E-6-x)"},
+                "bits": list(self.bits),
+                "trained_bits": self.manifest.get("trained_bits"),
+                "default_bits": self.default_bits,
+                "accuracy_level": cfg.accuracy_level,
+                "tied_head": self.tied,
+                "layers": {n: {"in_features": K, "out_features": N, "node": self.located[n][1]}
+                           for n, (K, N) in shapes.items()},
+                "float_bytes": self.float_bytes,
+                "precisions": _precision_sizes(self.fmt, shapes, self.float_bytes),
+                "files": _files(out, main["side_files"]),
+                "variants": variants,
+                "validation": validation,
+                "tools": _tool_versions(),
+            }
+            for rec in manifest["layers"].values():
+                rec.pop("node")  # initializer names of the traced graph mean nothing to a reader
+            write_json(out / MANIFEST, manifest)
+        return manifest
+
+
+def export(cfg: ExportConfig, progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Write the artifact folder; returns its manifest."""
+    return _Exporter(cfg, progress).run()

@@ -1,0 +1,148 @@
+"""The ONNX forms of a quantized linear (torch-free: the exporter writes them, the runtime
+rewrites them).
+
+Two forms (DESIGN.md §7.9):
+
+* ``ai.otaro.SefpMatMul(X, mantissa, scale8, bits) -> Y`` — the single SEFP model. A
+  **model-local function** whose body is standard ONNX (opset 21): derive the b-bit codes from
+  the stored int8 mantissas with integer ops, blocked ``DequantizeLinear`` along K, ``MatMul``.
+  Stock runtimes inline the body; when ``bits`` is a constant, onnxruntime folds the derivation
+  at load and fuses DQ+MatMul into ``MatMulNBits`` (8-bit container). Our runtime replaces the
+  node by a ``MatMulNBits`` in the right container instead.
+* ``com.microsoft.MatMulNBits`` — fixed-precision variants (SEFP at one b, integer GPTQ/AWQ/RTN).
+
+Layouts: ``mantissa`` is int8 ``[K, N]`` (the transposed weight, K = in_features, unpadded),
+``scale8`` float32 ``[ceil(K/G), N]`` = the b = 8 step ``2^(E - 6 - x)``; at b the step is
+``scale8 · 2^(8-b)``. Integer ``Div`` truncates toward zero, which is exactly sign-magnitude
+truncation of the magnitude, so no Abs/Sign dance is needed for ``trunc``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from otaro.errors import FormatError
+from otaro.formats.sefp import SEFPTensor, step_exponent
+from otaro.formats.table import ALL_BITS, TOP_BITS, SEFPFormat
+
+DOMAIN = "ai.otaro"
+DOMAIN_VERSION = 1
+SEFP_OP = "SefpMatMul"
+MS_DOMAIN = "com.microsoft"
+BITS_INPUT = "sefp_bits"
+OPSET = 21  # blocked DequantizeLinear
+IR_VERSION = 10  # what opset 21 needs; ORT >= 1.20 loads it (onnx 1.23 would stamp 14)
+
+_MIN_BITS = min(ALL_BITS)
+# 2^(8-b) for b = 2..8, looked up with Gather: exact in int32 and float32 on every runtime
+# (a float Pow would be too, on IEEE libms, but a table leaves nothing to trust).
+_SHIFT_TABLE = [2 ** (TOP_BITS - b) for b in ALL_BITS]
+
+
+def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name))
+
+
+def _decode_nodes(rounding: str) -> list[onnx.NodeProto]:
+    """Nodes from (m32 int32, p int32 = 2^s) to ``codes`` for one rounding."""
+    if rounding == "trunc":
+        return [
+            helper.make_node("Div", ["m32", "p"], ["q"]),
+            helper.make_node("Cast", ["q"], ["codes"], to=TensorProto.INT8),
+        ]
+    if rounding == "nearest":
+        # M_b = min(floor((2|M8| + 2^s) / 2^(s+1)), 2^(b-1) - 1): round half up on the first
+        # dropped bit (s = 0 gives M8 back), then the sign.
+        return [
+            _const("two", np.array(2, np.int32)),
+            _const("one", np.array(1, np.int32)),
+            _const("c128", np.array(128, np.int32)),
+            helper.make_node("Abs", ["m32"], ["a"]),
+            helper.make_node("Sign", ["m32"], ["sg"]),
+            helper.make_node("Mul", ["a", "two"], ["a2"]),
+            helper.make_node("Add", ["a2", "p"], ["num"]),
+            helper.make_node("Mul", ["p", "two"], ["den"]),
+            helper.make_node("Div", ["num", "den"], ["r"]),
+            helper.make_node("Div", ["c128", "p"], ["lim1"]),
+            helper.make_node("Sub", ["lim1", "one"], ["lim"]),
+            helper.make_node("Min", ["r", "lim"], ["mag"]),
+            helper.make_node("Mul", ["mag", "sg"], ["q"]),
+            helper.make_node("Cast", ["q"], ["codes"], to=TensorProto.INT8),
+        ]
+    if rounding == "midpoint":
+        # sign · (2·(|M8| >> s) + 1), zero stays zero; up to ±255 at b = 8, hence int16.
+        return [
+            _const("two", np.array(2, np.int32)),
+            helper.make_node("Div", ["m32", "p"], ["t"]),
+            helper.make_node("Mul", ["t", "two"], ["t2"]),
+            helper.make_node("Sign", ["m32"], ["sg"]),
+            helper.make_node("Add", ["t2", "sg"], ["q"]),
+            helper.make_node("Cast", ["q"], ["codes"], to=TensorProto.INT16),
+        ]
+    raise FormatError(f"no ONNX decode for SEFP rounding {rounding!r}")
+
+
+def function_name(fmt: SEFPFormat) -> str:
+    # One function per (group size, rounding): the body bakes both in.
+    return f"{SEFP_OP}_g{fmt.group_size}_{fmt.rounding}"
+
+
+def sefp_function(fmt: SEFPFormat) -> onnx.FunctionProto:
+    """The model-local function for ``fmt``."""
+    nodes = [
+        _const("tab_i", np.array(_SHIFT_TABLE, np.int32)),
+        _const("tab_f", np.array(_SHIFT_TABLE, np.float32)),
+        _const("bmin", np.array(_MIN_BITS, np.int64)),
+        helper.make_node("Sub", ["bits", "bmin"], ["idx"]),
+        helper.make_node("Gather", ["tab_i", "idx"], ["p"], axis=0),
+        helper.make_node("Gather", ["tab_f", "idx"], ["pf"], axis=0),
+        helper.make_node("Cast", ["mantissa"], ["m32"], to=TensorProto.INT32),
+        *_decode_nodes(fmt.rounding),
+        helper.make_node("Mul", ["scale8", "pf"], ["scale"]),
+        helper.make_node("DequantizeLinear", ["codes", "scale"], ["w"], axis=0, block_size=fmt.group_size),
+        helper.make_node("MatMul", ["X", "w"], ["Y"]),
+    ]
+    return helper.make_function(
+        DOMAIN, function_name(fmt), ["X", "mantissa", "scale8", "bits"], ["Y"], nodes,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+    )
+
+
+def sefp_initializers(t: SEFPTensor) -> tuple[np.ndarray, np.ndarray]:
+    """(mantissa int8 [K, N], scale8 float32 [ceil(K/G), N]) of an encoded weight."""
+    K = t.in_features
+    groups = -(-K // t.fmt.group_size)
+    mant = np.ascontiguousarray(t.mantissa[:, :K].T)
+    scale8 = np.ldexp(np.float32(1.0), step_exponent(t.exponent[:, :groups], TOP_BITS, t.fmt)).astype(np.float32)
+    return mant, np.ascontiguousarray(scale8.T)
+
+
+def sefp_node(fmt: SEFPFormat, x: str, mantissa: str, scale8: str, y: str, name: str,
+              bits: str = BITS_INPUT) -> onnx.NodeProto:
+    return helper.make_node(function_name(fmt), [x, mantissa, scale8, bits], [y], name=name, domain=DOMAIN)
+
+
+def matmulnbits_node(x: str, b: str, scales: str, y: str, name: str, *, K: int, N: int, bits: int,
+                     block_size: int, accuracy_level: int, zero_points: str | None = None) -> onnx.NodeProto:
+    inputs = [x, b, scales] + ([zero_points] if zero_points else [])
+    return helper.make_node(
+        "MatMulNBits", inputs, [y], name=name, domain=MS_DOMAIN,
+        K=K, N=N, bits=bits, block_size=block_size, accuracy_level=accuracy_level,
+    )
+
+
+def sefp_from_initializers(mantissa: np.ndarray, scale8: np.ndarray, fmt: SEFPFormat) -> SEFPTensor:
+    """Inverse of :func:`sefp_initializers` (the runtime reads the stored model back)."""
+    K, N = mantissa.shape
+    G = fmt.group_size
+    groups = -(-K // G)
+    if mantissa.dtype != np.int8 or scale8.shape != (groups, N):
+        raise FormatError(f"SEFP initializers have shapes {mantissa.shape}/{scale8.shape}, expected [K, N]/[{groups}, N]")
+    m = np.zeros((N, groups * G), np.int8)
+    m[:, :K] = mantissa.T
+    _, e = np.frexp(scale8.T.astype(np.float32))
+    # scale8 = 2^(E - 6 - x) exactly, so frexp's exponent is (E - 6 - x) + 1.
+    E = (e.astype(np.int32) - 1) + TOP_BITS - 2 + fmt.rounding_spec.extra_code_bits
+    return SEFPTensor(m, E.astype(np.int8), K, fmt)

@@ -1,0 +1,94 @@
+"""A KV-cache decode loop over any optimum-style decoder session (torch-free).
+
+The graph contract is optimum's (and onnxruntime-genai's defaults): inputs ``input_ids``,
+``attention_mask``, optional ``position_ids``, ``past_key_values.{i}.key|value`` shaped
+``[batch, kv_heads, past, head_dim]``; outputs ``logits`` and ``present.{i}.key|value``.
+The exporter's validation, the tests and :mod:`otaro.runtime` all drive models through this.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass(frozen=True)
+class DecoderIO:
+    past_names: tuple[str, ...]
+    present_names: tuple[str, ...]
+    kv_shape: dict[str, tuple[int, int]]  # past name -> (kv_heads, head_dim)
+    kv_dtype: type
+    has_position_ids: bool
+    extra_inputs: tuple[str, ...]  # inputs we do not feed (e.g. a run-time bits input)
+
+    @classmethod
+    def of(cls, session) -> "DecoderIO":
+        inputs = {i.name: i for i in session.get_inputs()}
+        for need in ("input_ids", "attention_mask"):
+            if need not in inputs:
+                raise ValueError(f"the ONNX model has no {need!r} input: not an exported causal LM decoder")
+        past = sorted((n for n in inputs if _PAST.match(n)),
+                      key=lambda n: (int(_PAST.match(n)[1]), _PAST.match(n)[2] != "key"))
+        kv_shape = {}
+        for n in past:
+            shape = inputs[n].shape
+            if len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
+                raise ValueError(f"input {n} has shape {shape}, expected [batch, kv_heads, past, head_dim]")
+            kv_shape[n] = (shape[1], shape[3])
+        dtype = _NP_TYPES.get(inputs[past[0]].type, np.float32) if past else np.float32
+        present = tuple(n.replace("past_key_values", "present") for n in past)
+        known = {"input_ids", "attention_mask", "position_ids", *past}
+        return cls(tuple(past), present, kv_shape, dtype, "position_ids" in inputs,
+                   tuple(n for n in inputs if n not in known))
+
+
+class Decoder:
+    """Prefill + step-by-step decode with the KV cache held in numpy arrays."""
+
+    def __init__(self, session, extra_feeds: dict[str, np.ndarray] | None = None):
+        self.session = session
+        self.io = DecoderIO.of(session)
+        self.extra_feeds = dict(extra_feeds or {})
+        self._outputs = ["logits", *self.io.present_names]
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        return {n: np.zeros((batch, h, 0, d), self.io.kv_dtype) for n, (h, d) in self.io.kv_shape.items()}
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One run: ``input_ids`` [B, T] new tokens, ``attention_mask`` [B, past + T]."""
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+                 **past, **self.extra_feeds}
+        if self.io.has_position_ids:
+            # Left padding is allowed: a position counts the real tokens before it.
+            pos = np.cumsum(attention_mask, axis=1) - 1
+            feeds["position_ids"] = np.maximum(pos, 0)[:, -input_ids.shape[1]:].astype(np.int64)
+        out = self.session.run(self._outputs, feeds)
+        return out[0], dict(zip(self.io.past_names, out[1:]))
+
+    def prompt_logits(self, ids: list[int]) -> np.ndarray:
+        """Logits [T, V] of one prompt in a single prefill."""
+        x = np.asarray([ids], np.int64)
+        logits, _ = self.forward(x, np.ones_like(x), self.empty_past(1))
+        return logits[0]
+
+    def greedy(self, ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+        """Greedy continuation of one prompt (the new tokens only)."""
+        x = np.asarray([ids], np.int64)
+        mask = np.ones_like(x)
+        past = self.empty_past(1)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            logits, past = self.forward(x, mask, past)
+            tok = int(np.argmax(logits[0, -1]))
+            out.append(tok)
+            if eos_token_id is not None and tok == eos_token_id:
+                break
+            x = np.asarray([[tok]], np.int64)
+            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+        return out
