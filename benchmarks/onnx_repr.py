@@ -158,7 +158,7 @@ def creation_times(rows: list[dict], reps: int) -> list[dict]:
 
 
 def run(args) -> dict:
-    t0 = time.perf_counter()
+    t0, machine = time.perf_counter(), machine_info()
     rng = np.random.default_rng(args.seed + 1)
     xs = {M: rng.standard_normal((M, args.size)).astype(np.float32) for M in MS}
     rows = build_rows(args.size, args.size, args.rounding, args.seed)
@@ -170,7 +170,7 @@ def run(args) -> dict:
     keep = ("rep", "b", "container", "acc", "graph", "max_rel_err", "bytes_per_weight", "spread")
     out = [{**{k: r[k] for k in keep}, "ms": {str(M): r["ms"][M] for M in MS}, "runs_per_sample": {str(M): r["n"][M] for M in MS},
             "ratio": {str(M): r["ms"][M] / fp[M] for M in MS}} for r in rows]
-    return {"args": vars(args), "machine": machine_info(), "rows": out, "creation": create, "seconds": time.perf_counter() - t0}
+    return {"args": vars(args), "machine": machine, "rows": out, "creation": create, "seconds": time.perf_counter() - t0}
 
 
 def span(vals, f="{:.3g}") -> str:
@@ -192,10 +192,14 @@ def how_to_read(res: dict) -> list[str]:
     rt = next(r for r in rows if r["rep"] == RUNTIME)
     out = [(f"- Fastest decode step (M = 1): {best['rep']}, b = {best['b']}, level {best['acc']}: {best['ms']['1']:.3g} ms = "
             f"{best['ratio']['1']:.2f}× fp32 ({fp['ms']['1']:.3g} ms).")]
-    per_b = [f["ms"]["1"] / n["ms"]["1"] for f in f4 for n in n4 if f["b"] == n["b"]]
+    pairs = [(f, n) for f in f4 for n in n4 if f["b"] == n["b"]]
+    per_b = [f["ms"]["1"] / n["ms"]["1"] for f, n in pairs]
+    same = [(f["b"], f["ms"]["1"] / n["ms"]["1"]) for f, n in pairs if f["container"] == n["container"]]
     out.append(f"- Level 4: the function with constant bits becomes {' / '.join(dict.fromkeys(r['graph'] for r in f4))} for every b "
                f"and takes {ms1(f4)} ms at M = 1 ({span([r['ratio']['1'] for r in f4], '{:.2f}')}× fp32); direct MatMulNBits in the "
-               f"smallest container takes {ms1(n4)} ms; function / direct at the same b: median {np.median(per_b):.2f}×.")
+               f"smallest container takes {ms1(n4)} ms; function / direct at the same b: median {np.median(per_b):.2f}×"
+               + (f" (b = {span([b for b, _ in same], '{}')} run the same container in both, so their ratios, "
+                  f"{span([q for _, q in same], '{:.2f}')}, show the noise)." if same else "."))
     lvl1 = [f"{c}-bit {ms1(pick(NBITS, 1, container=c))} ms" for c in sorted({r["container"] for r in n1})]
     out.append(f"- Level 1 (fp32 activations): function {ms1(f1)} ms at M = 1; direct MatMulNBits {', '.join(lvl1)} "
                f"(fp32: {fp['ms']['1']:.3g} ms).")

@@ -122,7 +122,11 @@ def _copy_side_files(trace_dir: Path, dest: Path, tokenizer, hf_config: dict, gr
             names.append(n)
     if tokenizer is not None:
         names += [Path(p).name for p in tokenizer.save_pretrained(str(dest)) if Path(p).parent == dest]
-    write_json(dest / "genai_config.json", genai_config(hf_config, graph, accuracy_level=accuracy_level))
+    try:
+        gcfg = genai_config(hf_config, graph, accuracy_level=accuracy_level)
+    except ValueError as e:
+        raise OtaroError(str(e)) from None
+    write_json(dest / "genai_config.json", gcfg)
     names.append("genai_config.json")
     return sorted(set(names))
 
@@ -196,7 +200,8 @@ class _Exporter:
             if man["model_type"] != self.manifest["model_type"] or _layer_shapes(man) != shapes:
                 raise OtaroError(f"variant source {v.source} is a different model than {cfg.checkpoint} "
                                  f"(architecture or layer shapes differ)")
-            name = v.name or check_name(f"{fmt.name}-{man.get('method', {}).get('name', 'int')}", "variant name")
+            method = (man.get("method") or {}).get("name")
+            name = v.name or check_name(f"{fmt.name}-{method}" if method else fmt.name, "variant name")
             self.specs[i] = VariantSpec(name, "int", source=v.source)
             self.sources[name] = (model, man, tok)
         names = [v.name for v in self.specs]

@@ -25,8 +25,20 @@ def _token_id(value: Any) -> int | list[int] | None:
     return value
 
 
+def _check_ids(config: dict, vocab: int) -> None:
+    # genai refuses a config whose special ids fall outside the vocabulary; say so at export
+    # time, naming the field, rather than when the user's app first loads the model.
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = config.get(key)
+        for i in v if isinstance(v, list) else [v]:
+            if i is not None and not 0 <= int(i) < vocab:
+                raise ValueError(f"config.json {key} = {i} is outside the vocabulary (size {vocab}); "
+                                 f"onnxruntime-genai cannot load such a model: fix config.json and re-export")
+
+
 def genai_config(config: dict, graph: onnx.GraphProto, filename: str = "model.onnx",
                  accuracy_level: int | None = None, max_length: int | None = None) -> dict:
+    _check_ids(config, int(config["vocab_size"]))
     inputs = {i.name: i for i in graph.input}
     past = inputs.get("past_key_values.0.key")
     if past is None:

@@ -36,7 +36,7 @@ def _gemma_cfg():
 def _phi3_cfg():
     from transformers import Phi3Config
 
-    return Phi3Config(**TINY, intermediate_size=136, num_key_value_heads=4, pad_token_id=0)
+    return Phi3Config(**TINY, intermediate_size=136, num_key_value_heads=4, pad_token_id=0, bos_token_id=0, eos_token_id=0)
 
 
 def _gpt_neox_cfg():
