@@ -1,5 +1,6 @@
 # Two entry points on a fresh machine:
-#   make demo   set up, prepare SmolLM2-135M + corpora offline, quantize (RTN-SEFP), eval at 2..8 bits
+#   make demo   set up, prepare SmolLM2-135M + corpora offline, quantize (RTN-SEFP), eval at 2..8 bits,
+#               export to ONNX (one SEFP model + a 4-bit variant, validated against torch)
 #   make test   set up and run the test suite (offline, CPU, tiny in-memory models)
 # Every target creates its own virtual environment in .venv (override with VENV=...).
 
@@ -12,13 +13,14 @@ BENCH_STAMP := $(VENV)/.bench-installed
 DEMO_OUT ?= out/demo
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-all demo bench bench-finetune assets clean
+.PHONY: help venv test test-all demo bench bench-finetune bench-export assets clean
 
 help:
 	@echo "make demo   - quantize the default model (SmolLM2-135M) with RTN-SEFP and print perplexity at 2..8 bits"
 	@echo "make test   - run the tests (offline, CPU)"
 	@echo "make bench  - re-run the RTN benchmark and rewrite its section of benchmarks/RESULTS.md"
 	@echo "make bench-finetune - re-run the once-for-all fine-tuning benchmark (~75 min on 2 cores)"
+	@echo "make bench-export - re-run the ONNX export benchmark (time, bytes vs per-bit files, perplexity parity)"
 	@echo "make clean  - remove .venv and outputs"
 
 $(VENV)/bin/python:
@@ -51,6 +53,8 @@ demo: assets
 	$(OTARO) inspect $(DEMO_OUT)/smollm2-135m-sefp
 	$(OTARO) eval $(DEMO_OUT)/smollm2-135m-sefp --corpus brown-eval --corpus austen --bits 2-8 \
 		--max-windows 8 -o $(DEMO_OUT)/eval
+	$(OTARO) export $(DEMO_OUT)/smollm2-135m-sefp -o $(DEMO_OUT)/smollm2-135m-onnx --variant sefp:4 --overwrite
+	$(OTARO) inspect $(DEMO_OUT)/smollm2-135m-onnx
 
 bench: assets
 	$(PY) benchmarks/ptq_rtn.py
@@ -58,6 +62,10 @@ bench: assets
 # About 75 minutes on 2 CPU cores: 8 fine-tuning runs (OTARo, 3 ablations, a 4-bit-width zoo).
 bench-finetune: assets
 	$(PY) benchmarks/finetune_bench.py
+
+bench-export: assets
+	$(PY) benchmarks/export_bench.py
+	$(PY) benchmarks/onnx_repr.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

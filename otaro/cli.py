@@ -276,7 +276,9 @@ def export(checkpoint, output, fmt, variants, default_bits, accuracy_level, vali
     click.echo(f"wrote {output} in {m['export_seconds']:.1f} s: {summary}; `otaro inspect {output}` for details")
 
 
-_not_built("run", "generate with the torch-free runtime at a chosen precision, switching on the fly.")
+from otaro.runtime.run_cli import run as _run  # noqa: E402  (click only; the runtime loads when it runs)
+
+cli.add_command(_run)
 _not_built("profile", "latency and memory per bit-width per device.")
 
 

@@ -4,6 +4,7 @@ The graph contract is optimum's (and onnxruntime-genai's defaults): inputs ``inp
 ``attention_mask``, optional ``position_ids``, ``past_key_values.{i}.key|value`` shaped
 ``[batch, kv_heads, past, head_dim]``; outputs ``logits`` and ``present.{i}.key|value``.
 The exporter's validation, the tests and :mod:`otaro.runtime` all drive models through this.
+A :class:`Batch` runs several prompts of different lengths at once, left-padded.
 """
 
 from __future__ import annotations
@@ -92,3 +93,35 @@ class Decoder:
             x = np.asarray([[tok]], np.int64)
             mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
         return out
+
+
+class Batch:
+    """Prompts of different lengths decoded together: left padding (``attention_mask`` 0, and
+    positions counting real tokens only), so each row sees exactly what it would see alone.
+
+    ``prefill()`` returns the next-token logits [B, V] after the prompts; ``step(tokens)`` feeds
+    one token per row and returns the next logits. Rows that finished early keep being fed
+    (their outputs are ignored): the batch stays rectangular."""
+
+    def __init__(self, decoder: Decoder, prompts: list[list[int]], pad_id: int):
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("every prompt of a batch needs at least one token")
+        self.decoder = decoder
+        width = max(len(p) for p in prompts)
+        self._ids = np.full((len(prompts), width), pad_id, np.int64)
+        self.mask = np.zeros((len(prompts), width), np.int64)
+        for i, p in enumerate(prompts):
+            self._ids[i, width - len(p):] = p
+            self.mask[i, width - len(p):] = 1
+        self._past = decoder.empty_past(len(prompts))
+
+    def prefill(self) -> np.ndarray:
+        return self._run(self._ids)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
+        return self._run(np.asarray(tokens, np.int64).reshape(-1, 1))
+
+    def _run(self, ids: np.ndarray) -> np.ndarray:
+        logits, self._past = self.decoder.forward(ids, self.mask, self._past)
+        return logits[:, -1]

@@ -23,7 +23,7 @@ def test_help_of_every_command(verb):
             assert v in res.output
 
 
-@pytest.mark.parametrize("verb", ["run", "profile"])
+@pytest.mark.parametrize("verb", ["profile"])
 def test_unbuilt_verbs_say_so(verb):
     res = invoke(verb)
     assert res.exit_code != 0 and "not built yet" in res.output

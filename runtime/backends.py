@@ -1,0 +1,105 @@
+"""Backends: where a precision's model runs. One registry, one pure selection function.
+
+A backend is an onnxruntime execution provider plus the ``MatMulNBits`` containers it runs. A
+b-bit SEFP code rides in the smallest container of the backend that holds it (a 2-bit code in
+a 4-bit container is still exact: same signed code, zero point 2^(c-1)); a code wider than every
+container (``midpoint`` at 8 bits needs 9) keeps its ``SefpMatMul`` node, which onnxruntime
+folds to a float weight at load. A Triton GPU path (bit-plane kernels, per-call precision)
+registers here as another :class:`Backend` when it lands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from otaro.errors import OtaroError
+from otaro.export.genai import ACCURACY_KEY
+
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    device: str
+    providers: tuple[str, ...]  # in priority order; the first one is required
+    containers: tuple[int, ...]
+    install_hint: str
+
+
+# CPU containers are checked on ORT 1.32 (FACTS.md: 2/4/8). The CUDA kernel's are read from
+# onnxruntime's docs, not run here (no GPU): 4 and 8, so 2- and 3-bit codes ride in 4 bits.
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("onnxruntime-cpu", "cpu", ("CPUExecutionProvider",), (2, 4, 8), "pip install onnxruntime"),
+        Backend("onnxruntime-cuda", "cuda", ("CUDAExecutionProvider", "CPUExecutionProvider"), (4, 8),
+                "pip install 'otaro[gpu]' (onnxruntime-gpu, which brings the CUDAExecutionProvider)"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    backend: str
+    device: str
+    providers: tuple[str, ...]
+    containers: tuple[int, ...]
+    accuracy_level: int
+
+    def container_for(self, code_bits: int) -> int | None:
+        """Smallest container holding a signed ``code_bits``-bit code, or None (run dequantized)."""
+        return next((c for c in self.containers if c >= code_bits), None)
+
+
+def select_backend(device: str, available_providers: Sequence[str], accuracy_level: int = 4) -> BackendChoice:
+    """The backend for ``device`` given the providers this onnxruntime has (pure: pass
+    ``onnxruntime.get_available_providers()``). Raises OtaroError saying why none fits."""
+    if isinstance(accuracy_level, bool) or accuracy_level not in ACCURACY_LEVELS:
+        raise OtaroError(f"accuracy level {accuracy_level!r} is not one of {list(ACCURACY_LEVELS)} "
+                         f"(4 = int8 activations, fast; 1 = fp32 activations, exact)")
+    candidates = [b for b in BACKENDS.values() if b.device == device]
+    if not candidates:
+        devices = sorted({b.device for b in BACKENDS.values()})
+        raise OtaroError(f"device {device!r} is not supported: choose one of {devices}")
+    available = set(available_providers)
+    for b in candidates:
+        if b.providers[0] in available:
+            return BackendChoice(b.name, device, tuple(p for p in b.providers if p in available), b.containers,
+                                 accuracy_level)
+    need = ", ".join(f"{b.providers[0]} ({b.install_hint})" for b in candidates)
+    have = ", ".join(available_providers) or "none"
+    raise OtaroError(f"device {device!r} needs {need}; this onnxruntime has only: {have}")
+
+
+def session_options(choice: BackendChoice, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    # Also governs the DequantizeLinear+MatMul fusion of a kept SefpMatMul node.
+    so.add_session_config_entry(ACCURACY_KEY, str(choice.accuracy_level))
+    so.log_severity_level = 3  # folding leftovers of the graph edit prints nothing useful
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return so
+
+
+def create_session(choice: BackendChoice, model: bytes, files: dict, shared: dict, threads: int | None = None):
+    """(InferenceSession, what it borrows) from graph bytes, in-memory external data files
+    (copied into the session) and ``shared`` initializers (borrowed, not copied: the returned
+    OrtValues hold their arrays and must live as long as the session)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    so = session_options(choice, threads)
+    names = list(files)
+    bufs = [np.ascontiguousarray(files[n]) for n in names]
+    so.add_external_initializers_from_files_in_memory(names, bufs, [b.nbytes for b in bufs])
+    # add_initializer overrides the graph's copy; a constant folded from it (the tied head's
+    # Transpose) comes from the graph's in-memory data, which holds the same values.
+    borrowed = tuple(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in shared.values())
+    for name, value in zip(shared, borrowed):
+        so.add_initializer(name, value)
+    return ort.InferenceSession(model, so, providers=list(choice.providers)), borrowed

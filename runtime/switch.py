@@ -1,0 +1,376 @@
+"""Precision switching: derive the b-bit codes from the stored 8-bit mantissas, pack them into
+``MatMulNBits`` layout, build that precision's model in memory, keep warm sessions in a cache.
+
+The artifact is read from disk once (:class:`Master`): the graph without weights, the raw bytes
+of ``model.onnx_data``, and each layer's int8 mantissas ``[K, N]`` / ``scale8 [groups, N]`` as
+views into those bytes. A precision's model is the same graph where every ``ai.otaro.SefpMatMul``
+node becomes a ``com.microsoft.MatMulNBits`` in the container for its bits. Every tensor of it
+is *external data held in memory* (``add_external_initializers_from_files_in_memory``): the
+master bytes under their own file name, each packed array under a file name of its own. So
+nothing is re-read from disk, nothing is copied into protobuf, and models above protobuf's 2 GB
+limit build like small ones. onnxruntime copies those buffers into the session ("the buffer can
+be freed after session creation", OrtApi docs; checked on 1.32), so the packed arrays live only
+until the session exists. The float weights (embeddings, untied head) are the same at every
+precision: sessions borrow them from the master (``add_initializer``) instead of copying them.
+
+A layer whose code has no container on the backend (``midpoint`` at 8 bits: a 9-bit code) keeps
+its ``SefpMatMul`` node with a constant bits input; onnxruntime folds it to a float weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence, Union
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from otaro.errors import FormatError, OtaroError
+from otaro.formats import onnx_ops as ops
+from otaro.formats.sefp import derive_codes
+from otaro.formats.table import TOP_BITS, SEFPFormat, check_bits
+from otaro.runtime.artifact import ArtifactError
+
+PrecisionSpec = Union[int, Mapping[str, int]]
+
+
+# --------------------------------------------------------------------------- precision specs
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A resolved precision: the bits of every quantized layer, in the artifact's layer order.
+    ``bits`` is the cache key (``4`` and ``{"*": 4}`` are one entry); ``label`` is for people."""
+
+    bits: tuple[int, ...]
+    label: str
+
+    @property
+    def uniform(self) -> int | None:
+        return self.bits[0] if len(set(self.bits)) == 1 else None
+
+
+def spec_label(spec: PrecisionSpec) -> str:
+    """``4`` -> ``"4"``; ``{"*": 4, "layers.0.*": 8}`` -> ``"*=4,layers.0.*=8"`` (what
+    :func:`parse_precision` reads back)."""
+    if isinstance(spec, Mapping):
+        return ",".join(f"{p}={b}" for p, b in spec.items())
+    return str(spec)
+
+
+def parse_precision(text: str) -> PrecisionSpec:
+    """``"4"`` -> 4; ``"*=4,layers.0.*=8"`` -> ``{"*": 4, "layers.0.*": 8}`` (command line)."""
+    text = text.strip()
+    try:
+        if "=" not in text:
+            return int(text)
+        out: dict[str, int] = {}
+        for part in text.split(","):
+            pattern, _, bits = part.partition("=")
+            if not pattern.strip():
+                raise ValueError
+            out[pattern.strip()] = int(bits)
+        return out
+    except ValueError:
+        raise FormatError(f"cannot read precision {text!r}: use a bit-width like 4, or PATTERN=BITS pairs "
+                          f"like '*=4,layers.0.*=8'") from None
+
+
+def resolve_precision(spec: PrecisionSpec, layers: Sequence[str], prefix: str, allowed: Sequence[int],
+                      current: Precision) -> Precision:
+    """Per-layer bits from an int or a ``{glob: bits}`` mapping, as ``otaro.modules`` does on the
+    torch side: globs match layer names without the model prefix (or the full name), later
+    entries win, unmatched layers keep ``current``, and a pattern matching nothing is an error
+    (a typo must not silently do nothing). Everything is checked before anything changes."""
+    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+        b = check_bits(int(spec), allowed)
+        return Precision((b,) * len(layers), str(b))
+    if not isinstance(spec, Mapping) or not spec:
+        raise FormatError(f"precision must be a bit-width or a non-empty {{pattern: bits}} mapping, got {spec!r}")
+    out = list(current.bits)
+    short = [n.removeprefix(prefix) for n in layers]
+    for pattern, bits in spec.items():
+        if not isinstance(pattern, str):
+            raise FormatError(f"precision pattern {pattern!r} is not a string")
+        bits = check_bits(bits, allowed)
+        hits = [i for i, (s, n) in enumerate(zip(short, layers))
+                if fnmatch.fnmatchcase(s, pattern) or fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise FormatError(f"precision pattern {pattern!r} matches no quantized layer "
+                              f"(names look like {short[0]!r})")
+        for i in hits:
+            out[i] = bits
+    return Precision(tuple(out), spec_label(spec))
+
+
+# --------------------------------------------------------------------------- the master
+
+
+@dataclass(frozen=True)
+class StoredLayer:
+    """One quantized linear as stored: views into the master bytes."""
+
+    name: str
+    node: int  # index of its SefpMatMul node in the graph
+    mantissa: np.ndarray  # int8 [K, N]
+    scale8: np.ndarray  # float32 [ceil(K/G), N]
+
+    @property
+    def K(self) -> int:
+        return self.mantissa.shape[0]
+
+    @property
+    def N(self) -> int:
+        return self.mantissa.shape[1]
+
+
+def _external(t: TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+class Master:
+    """The artifact's single SEFP model, read once: graph (no weight bytes), the external data
+    bytes, and a view of every layer's stored code."""
+
+    def __init__(self, root: Path, manifest: dict):
+        model, sefp = manifest["model"], manifest["sefp"]
+        self.fmt = SEFPFormat(group_size=sefp["group_size"], rounding=sefp["rounding"])
+        self.function, self.domain = sefp["function"], sefp["domain"]
+        self.data_name = model["data"]
+        try:
+            self.proto = onnx.load(str(root / model["file"]), load_external_data=False)
+        except Exception as e:  # protobuf raises its own DecodeError; any failure here is a bad file
+            raise ArtifactError(f"{root / model['file']} is not a readable ONNX model ({e})") from None
+        self.data = np.fromfile(root / self.data_name, dtype=np.uint8)
+        inits = {t.name: t for t in self.proto.graph.initializer}
+        for t in inits.values():
+            if t.data_location == TensorProto.EXTERNAL:
+                ext = _external(t)
+                end = int(ext.get("offset", 0)) + int(ext.get("length", -1))
+                if ext.get("location") != self.data_name or end > self.data.size or "length" not in ext:
+                    raise ArtifactError(f"tensor {t.name} points outside {self.data_name} (corrupt or foreign model)")
+        nodes = {n.input[1]: i for i, n in enumerate(self.proto.graph.node)
+                 if n.domain == self.domain and n.op_type == self.function}
+        self.layers: dict[str, StoredLayer] = {}
+        for name in manifest["layers"]:
+            m_name, s_name = f"{name}.mantissa", f"{name}.scale8"
+            if m_name not in nodes or m_name not in inits or s_name not in inits:
+                raise ArtifactError(f"the model has no {self.function} node for layer {name} "
+                                    f"(corrupt or foreign model)")
+            self.layers[name] = StoredLayer(name, nodes[m_name], self._array(inits[m_name]), self._array(inits[s_name]))
+        stored = {f"{n}.{k}" for n in self.layers for k in ("mantissa", "scale8")}
+        # Float weights big enough to be external (small ones stay inline in the graph).
+        self.shared = {n: self._array(t) for n, t in inits.items()
+                       if t.data_location == TensorProto.EXTERNAL and n not in stored}
+
+    def _array(self, t: TensorProto) -> np.ndarray:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        ext = _external(t)
+        if t.data_location != TensorProto.EXTERNAL:
+            return numpy_helper.to_array(t)
+        off, n = int(ext.get("offset", 0)), int(ext["length"])
+        return self.data[off:off + n].view(dtype).reshape(tuple(t.dims))
+
+
+# --------------------------------------------------------------------------- derive + pack
+
+
+def _code_table(fmt: SEFPFormat, bits: int, container: int) -> np.ndarray:
+    """uint8 [256]: stored int8 mantissa (indexed by its byte) -> derived code + 2^(c-1), the
+    unsigned value MatMulNBits stores when the node has no zero points. One gather per weight
+    instead of the arithmetic of ``derive_codes`` on every element."""
+    m8 = np.arange(256, dtype=np.uint8).view(np.int8)
+    m8 = np.where(m8 == -128, 0, m8).astype(np.int8)  # -128 is never stored (codes are [-127, 127])
+    return (derive_codes(m8, bits, fmt) + 2 ** (container - 1)).astype(np.uint8)
+
+
+def pack_layer(layer: StoredLayer, fmt: SEFPFormat, bits: int, container: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B uint8 [N, blocks, G*c/8], scales float32 [N, blocks]) of one layer at ``bits``: the same
+    bytes as :func:`otaro.formats.pack.sefp_to_matmulnbits`, vectorised from the [K, N] layout."""
+    G, K, N = fmt.group_size, layer.K, layer.N
+    blocks = -(-K // G)
+    # Gather and pack along K in the stored [K, N] layout (contiguous rows), then one transpose
+    # of the packed bytes: ~2x faster than gathering through the transposed view.
+    # np.take, unlike fancy indexing, releases the GIL: layers pack in parallel threads.
+    u = np.take(_code_table(fmt, bits, container), layer.mantissa.view(np.uint8))
+    if blocks * G > K:  # the ragged last group is padded with code 0
+        u = np.concatenate([u, np.full((blocks * G - K, N), 2 ** (container - 1), np.uint8)])
+    per = 8 // container
+    packed = u[0::per]
+    for j in range(1, per):  # at most 3 whole-array steps (2-bit container)
+        packed = packed | (u[j::per] << np.uint8(j * container))
+    packed = np.ascontiguousarray(packed.T)
+    # scale at b = scale8 * 2^(8-b): a power of two, exact in fp32 (onnx_ops' function does the same).
+    scales = np.ascontiguousarray((layer.scale8 * np.float32(2.0 ** (TOP_BITS - bits))).T)
+    return packed.reshape(N, blocks, G * container // 8), scales
+
+
+# --------------------------------------------------------------------------- build a model
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """A precision's model ready for a session: graph bytes + in-memory external files."""
+
+    model: bytes
+    files: dict[str, np.ndarray]  # external file name -> bytes (uint8, contiguous)
+    shared: dict[str, np.ndarray]  # initializers every session shares (views of the master bytes)
+    packed_bytes: int  # bytes of the packed weights (what this precision adds)
+
+
+def _external_tensor(name: str, arr: np.ndarray, location: str) -> TensorProto:
+    t = TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape,
+                    data_location=TensorProto.EXTERNAL)
+    for k, v in (("location", location), ("offset", "0"), ("length", str(arr.nbytes))):
+        t.external_data.add(key=k, value=v)
+    return t
+
+
+def build_model(master: Master, precision: Precision, containers: Callable[[int], int | None],
+                accuracy_level: int, pool: Executor) -> BuiltModel:
+    """The model for ``precision``; ``containers(code_bits)`` is the backend's container choice
+    (None: no container, keep the SefpMatMul node)."""
+    fmt = master.fmt
+    names = list(master.layers)
+    plan = {n: (b, containers(fmt.code_bits(b))) for n, b in zip(names, precision.bits)}
+    packed = dict(zip(names, pool.map(
+        lambda n: pack_layer(master.layers[n], fmt, plan[n][0], plan[n][1]) if plan[n][1] else None, names)))
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(master.proto)  # graph only: every big tensor is an external reference
+    g = proto.graph
+    files: dict[str, np.ndarray] = {master.data_name: master.data}
+    drop: set[str] = set()
+    add: list[TensorProto] = []
+    kept_bits: set[int] = set()
+    for n, (bits, c) in plan.items():
+        layer, node = master.layers[n], g.node[master.layers[n].node]
+        if c is None:
+            kept_bits.add(bits)
+            node.input[3] = f"{ops.BITS_INPUT}.{bits}"
+            continue
+        B, scales = packed[n]
+        for suffix, arr in (("qweight", B), ("scales", scales)):
+            loc = f"otaro-{len(files)}.bin"
+            files[loc] = arr.reshape(-1).view(np.uint8)
+            add.append(_external_tensor(f"{n}.{suffix}", arr, loc))
+        drop |= {f"{n}.mantissa", f"{n}.scale8"}
+        node.CopyFrom(ops.matmulnbits_node(node.input[0], f"{n}.qweight", f"{n}.scales", node.output[0],
+                                           name=node.name.removesuffix(ops.SEFP_OP) + "MatMulNBits",
+                                           K=layer.K, N=layer.N, bits=c, block_size=fmt.group_size,
+                                           accuracy_level=accuracy_level))
+    drop.add(ops.BITS_INPUT)  # each kept node reads its own constant below
+    add += [numpy_helper.from_array(np.array(b, np.int64), f"{ops.BITS_INPUT}.{b}") for b in sorted(kept_bits)]
+    keep = [t for t in g.initializer if t.name not in drop]
+    g.ClearField("initializer")
+    g.initializer.extend(keep + add)
+    if not kept_bits:
+        del proto.functions[:]
+    return BuiltModel(proto.SerializeToString(), files, master.shared,
+                      sum(a.nbytes for k, a in files.items() if k != master.data_name))
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+@dataclass(frozen=True)
+class SwitchReport:
+    """What one switch cost. ``extra_bytes`` is the growth of the process's resident memory
+    over the switch (Linux ``/proc``; elsewhere the estimate the cache budgets with)."""
+
+    spec: str
+    seconds: float
+    derive_seconds: float  # derive codes + pack + build the graph
+    session_seconds: float  # onnxruntime session creation
+    extra_bytes: int
+    cached: bool
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A warm precision: its session (wrapped for decoding) and what the cache charges for it."""
+
+    bits: tuple[int, ...]
+    decoder: object  # otaro.runtime.decoder.Decoder
+    cost: int  # bytes the cache charges: measured growth, at least the packed weights
+    keep: tuple = ()  # what the session borrows memory from (shared initializers)
+
+
+def rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+class SessionCache:
+    """Warm precisions besides the pinned (active) one, within ``budget`` bytes, least recently
+    used out first. The pinned one is never evicted; a request that holds an evicted entry keeps
+    using it (the session lives as long as someone references it)."""
+
+    def __init__(self, budget: int, build: Callable[[tuple[int, ...]], tuple[Entry, float, float]]):
+        if budget < 0:
+            raise OtaroError(f"cache_bytes must be >= 0, got {budget}")
+        self.budget, self._build = budget, build
+        self._entries: OrderedDict[tuple[int, ...], Entry] = OrderedDict()
+        self._lock = threading.Lock()  # the dict
+        self._build_lock = threading.Lock()  # one build at a time (they use every core already)
+        self.pinned: tuple[int, ...] | None = None
+
+    @property
+    def keys(self) -> list[tuple[int, ...]]:
+        with self._lock:
+            return list(self._entries)
+
+    def get(self, precision: Precision, pin: bool = False) -> tuple[Entry, SwitchReport]:
+        t0 = time.perf_counter()
+        with self._lock:
+            e = self._hit(precision.bits, pin)
+        if e is not None:
+            return e, SwitchReport(precision.label, time.perf_counter() - t0, 0.0, 0.0, 0, True)
+        with self._build_lock:
+            with self._lock:  # built by another thread while we waited?
+                e = self._hit(precision.bits, pin)
+            if e is not None:
+                return e, SwitchReport(precision.label, time.perf_counter() - t0, 0.0, 0.0, 0, True)
+            rss0 = rss_bytes()
+            e, derive_s, session_s = self._build(precision.bits)
+            rss1 = rss_bytes()
+            extra = max(0, rss1 - rss0) if rss0 is not None and rss1 is not None else e.cost
+            # onnxruntime holds more than the packed bytes (pre-packed copies, folded constants):
+            # charge what the process grew by when that is larger.
+            e = dataclasses.replace(e, cost=max(e.cost, extra))
+            with self._lock:
+                self._entries[precision.bits] = e
+                if pin:
+                    self.pinned = precision.bits
+                self._evict()
+        return e, SwitchReport(precision.label, time.perf_counter() - t0, derive_s, session_s, extra, False)
+
+    def _hit(self, bits, pin) -> Entry | None:
+        e = self._entries.get(bits)
+        if e is not None:
+            self._entries.move_to_end(bits)
+            if pin:
+                self.pinned = bits
+                self._evict()
+        return e
+
+    def _evict(self) -> None:
+        total = sum(e.cost for k, e in self._entries.items() if k != self.pinned)
+        for k in list(self._entries):
+            if total <= self.budget:
+                break
+            if k != self.pinned:
+                total -= self._entries.pop(k).cost
+
