@@ -259,6 +259,13 @@ class Runtime:
             return self._last_switch
 
     @property
+    def decoder(self):
+        """The active precision's KV-cache loop (:class:`otaro.runtime.decoder.Decoder`): for
+        callers that drive onnxruntime themselves (benchmarks, custom decoding)."""
+        with self._lock:
+            return self._active_entry.decoder
+
+    @property
     def warm_precisions(self) -> list[tuple[int, ...]]:
         return self._cache.keys
 

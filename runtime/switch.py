@@ -171,6 +171,29 @@ class Master:
         # Float weights big enough to be external (small ones stay inline in the graph).
         self.shared = {n: self._array(t) for n, t in inits.items()
                        if t.data_location == TensorProto.EXTERNAL and n not in stored}
+        self._share_transposed_heads(inits)
+
+    def _share_transposed_heads(self, inits: dict[str, TensorProto]) -> None:
+        """A tied head is stored once, as ``Transpose(embedding)`` (see export/rewrite.py).
+        onnxruntime folds that per session: a copy of the whole head and its time on every
+        switch. Transpose it once here instead; every session borrows the result."""
+        g = self.proto.graph
+        for i in reversed(range(len(g.node))):
+            n = g.node[i]
+            perm = [list(a.ints) for a in n.attribute if a.name == "perm"]
+            if n.op_type != "Transpose" or len(n.input) != 1 or n.input[0] not in self.shared \
+                    or self.shared[n.input[0]].ndim != 2 or perm not in ([], [[1, 0]]):
+                continue
+            src = inits[n.input[0]]
+            head = np.ascontiguousarray(self.shared[n.input[0]].T)
+            # A graph initializer for the name (add_initializer overrides an existing one): it
+            # points at the source's bytes, which have the right size; the value is replaced.
+            t = TensorProto(name=n.output[0], data_type=src.data_type, dims=head.shape,
+                            data_location=TensorProto.EXTERNAL)
+            t.external_data.extend(src.external_data)
+            g.initializer.append(t)
+            self.shared[n.output[0]] = head
+            del g.node[i]
 
     def _array(self, t: TensorProto) -> np.ndarray:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
