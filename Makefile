@@ -1,6 +1,6 @@
 # Two entry points on a fresh machine:
 #   make demo   set up, prepare SmolLM2-135M + corpora offline, quantize (RTN-SEFP), eval at 2..8 bits,
-#               export to ONNX (one SEFP model + a 4-bit variant, validated against torch)
+#               export to ONNX (one SEFP model + a 4-bit variant, validated against torch), run it
 #   make test   set up and run the test suite (offline, CPU, tiny in-memory models)
 # Every target creates its own virtual environment in .venv (override with VENV=...).
 
@@ -55,6 +55,8 @@ demo: assets
 		--max-windows 8 -o $(DEMO_OUT)/eval
 	$(OTARO) export $(DEMO_OUT)/smollm2-135m-sefp -o $(DEMO_OUT)/smollm2-135m-onnx --variant sefp:4 --overwrite
 	$(OTARO) inspect $(DEMO_OUT)/smollm2-135m-onnx
+	$(OTARO) run $(DEMO_OUT)/smollm2-135m-onnx --bits 8 --max-new-tokens 32 --prompt "The history of the city begins"
+	$(OTARO) run $(DEMO_OUT)/smollm2-135m-onnx --bits 6 --max-new-tokens 32 --prompt "The history of the city begins"
 
 bench: assets
 	$(PY) benchmarks/ptq_rtn.py
@@ -66,6 +68,7 @@ bench-finetune: assets
 bench-export: assets
 	$(PY) benchmarks/export_bench.py
 	$(PY) benchmarks/onnx_repr.py
+	$(PY) benchmarks/runtime_bench.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis
