@@ -16,7 +16,7 @@ import platform
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -75,11 +75,7 @@ def parse_variants(specs: tuple[str, ...]) -> list[VariantSpec]:
         name, sep, path = spec.partition("=")
         src = Path(path if sep else spec)
         out.append(VariantSpec(check_name(name, "variant name") if sep else "", "int", source=src))
-    names = [v.name for v in out if v.name]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise OtaroError(f"variant {dup[0]!r} is requested twice")
-    return out
+    return out  # duplicate names are refused once every name is known (ExportConfig sources)
 
 
 def _load_checkpoint(path: Path, role: str):
@@ -207,7 +203,7 @@ class _Exporter:
         names = [v.name for v in self.specs]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise OtaroError(f"two variants would be named {dup[0]!r}: name them with NAME=PATH")
+            raise OtaroError(f"variant {dup[0]!r} is requested twice (name distinct sources with NAME=PATH)")
 
     # -- steps 2-3 ----------------------------------------------------------------------
     def trace(self, model, where: Path):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from otaro.errors import OtaroError
 from otaro.formats import onnx_ops as ops
@@ -161,4 +161,3 @@ def set_default_bits(proto: onnx.ModelProto, bits: int) -> None:
     """Edit the constant bits (what a session-level switch does before creating a session)."""
     t = bits_initializer(proto)
     t.CopyFrom(numpy_helper.from_array(np.array(bits, np.int64), ops.BITS_INPUT))
-    assert t.data_type == TensorProto.INT64

@@ -22,8 +22,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from otaro.export.genai import ACCURACY_KEY
-from otaro.formats import onnx_ops as ops
+from otaro.export.rewrite import set_default_bits
 from otaro.runtime.decoder import Decoder
 
 EXACT_LEVEL = 1
@@ -60,12 +59,11 @@ class Check:
 
 
 def session_options(accuracy_level: int, threads: int | None = None) -> ort.SessionOptions:
-    so = ort.SessionOptions()
-    so.add_session_config_entry(ACCURACY_KEY, str(accuracy_level))
-    so.log_severity_level = 3  # the folding of sefp_bits prints nothing useful at warning level
-    if threads:
-        so.intra_op_num_threads = threads
-    return so
+    """The runtime's CPU session options at ``accuracy_level`` (one place sets them)."""
+    from otaro.runtime.backends import select_backend
+    from otaro.runtime.backends import session_options as backend_options
+
+    return backend_options(select_backend("cpu", ort.get_available_providers(), accuracy_level), threads)
 
 
 @contextlib.contextmanager
@@ -74,9 +72,7 @@ def graph_variant(path: Path, bits: int | None = None, accuracy_level: int | Non
     and/or every MatMulNBits' accuracy_level edited; yields its path."""
     proto = onnx.load(str(path), load_external_data=False)
     if bits is not None:
-        for t in proto.graph.initializer:
-            if t.name == ops.BITS_INPUT:
-                t.CopyFrom(onnx.numpy_helper.from_array(np.array(bits, np.int64), ops.BITS_INPUT))
+        set_default_bits(proto, bits)
     if accuracy_level is not None:
         for n in proto.graph.node:
             if n.op_type == "MatMulNBits":
