@@ -16,7 +16,6 @@ of benchmarks/RESULTS.md. Usage: python benchmarks/export_bench.py [--max-window
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from results_md import update_section  # noqa: E402
+from results_md import publish  # noqa: E402
 
 MODEL = "smollm2-135m"
 SEFP_FMT = "sefp-g64-trunc"
@@ -238,13 +237,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
-    res = measure(args)
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / "export.json").write_text(json.dumps(res, indent=2))
-    plot(res, out / "export.png")
-    update_section("export", markdown(res))
-    print(markdown(res))
+    print(publish("export", measure(args), plot, markdown))
 
 
 if __name__ == "__main__":

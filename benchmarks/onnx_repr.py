@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from results_md import update_section  # noqa: E402
+from results_md import publish  # noqa: E402
 
 from otaro.formats import SEFPFormat, sefp  # noqa: E402
 from otaro.formats import onnx_ops as ox  # noqa: E402
@@ -303,14 +303,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the weight (the input uses seed + 1)")
     args = ap.parse_args()
 
-    from otaro.io import write_json
-
-    res = run(args)
-    write_json(HERE / "results" / "onnx_repr.json", res)
-    plot(res, HERE / "results" / "onnx_repr.png")
-    body = markdown(res)
-    update_section("onnx_repr", body)
-    print(body)
+    print(publish("onnx_repr", run(args), plot, markdown))
     return 0
 
 

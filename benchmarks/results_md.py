@@ -32,3 +32,17 @@ def update_section(name: str, body: str, path: Path = RESULTS) -> Path:
     with atomic_file(path, "w") as f:
         f.write(text)
     return path
+
+
+def publish(name: str, result: dict, plot, markdown) -> str:
+    """Write results/<name>.json and results/<name>.png, rewrite the `name` section of
+    RESULTS.md and return its markdown: the common tail of every benchmark script."""
+    from otaro.io import write_json
+
+    out = RESULTS.parent / "results"
+    out.mkdir(exist_ok=True)
+    write_json(out / f"{name}.json", result)
+    plot(result, out / f"{name}.png")
+    body = markdown(result)
+    update_section(name, body)
+    return body

@@ -29,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from results_md import update_section  # noqa: E402
+from results_md import publish  # noqa: E402
 
 BITS = range(2, 9)
 
@@ -276,13 +276,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
-    res = measure(args)
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / "runtime.json").write_text(json.dumps(res, indent=2))
-    plot(res, out / "runtime.png")
-    update_section("runtime", markdown(res))
-    print(markdown(res))
+    print(publish("runtime", measure(args), plot, markdown))
 
 
 if __name__ == "__main__":
