@@ -22,6 +22,7 @@ from otaro.formats.table import (  # noqa: F401
     container_for,
     format_bits,
     get_format,
+    parse_bit_weights,
     parse_bits,
     quantized_format_names,
 )

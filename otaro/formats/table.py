@@ -78,6 +78,41 @@ def parse_bits(spec: str | int | Iterable[int], allowed: Iterable[int] = ALL_BIT
     return tuple(sorted(check_bits(b, allowed) for b in out))
 
 
+def parse_bit_weights(spec: str | dict | Iterable, allowed: Iterable[int] = ALL_BITS) -> tuple[tuple[int, float], ...]:
+    """Parse target bit-widths with optional weights λ_b: ``"3:1,4:1,8:2"``, ``"2-8"`` (all 1),
+    ``"3,4,8:2"`` or a ``{bits: weight}`` mapping, into sorted ``((bits, weight), ...)``.
+
+    The weights are relative (only their ratios matter); every weight must be > 0."""
+    allowed = tuple(allowed)
+    if isinstance(spec, dict):
+        items = list(spec.items())
+    elif isinstance(spec, (list, tuple)):
+        items = [tuple(x) if isinstance(x, (list, tuple)) else (x, 1.0) for x in spec]
+    else:
+        items = []
+        for part in str(spec).replace(" ", "").split(","):
+            if not part:
+                continue
+            bits_part, _, weight_part = part.partition(":")
+            try:
+                weight = float(weight_part) if weight_part else 1.0
+            except ValueError:
+                raise FormatError(f"cannot read the weight in {part!r}: use e.g. '3:1,4:1,8:2'") from None
+            items += [(b, weight) for b in parse_bits(bits_part, allowed)]
+    out: dict[int, float] = {}
+    for b, weight in items:
+        b = check_bits(int(b), allowed)
+        weight = float(weight)
+        if not weight > 0 or weight != weight or weight == float("inf"):
+            raise FormatError(f"weight of {b}-bit must be a positive number (got {weight!r})")
+        if b in out:
+            raise FormatError(f"{b}-bit is listed twice in {spec!r}")
+        out[b] = weight
+    if not out:
+        raise FormatError(f"no bit-widths in {spec!r}")
+    return tuple(sorted(out.items()))
+
+
 def container_for(bits: int) -> int | None:
     """Smallest MatMulNBits container holding a signed ``bits``-bit code; None if none does."""
     for c in CONTAINERS:
