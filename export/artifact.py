@@ -94,7 +94,7 @@ def _layer_shapes(manifest: dict) -> dict[str, tuple[int, int]]:
 
 
 def _sefp_tensor(layer, fmt: SEFPFormat) -> SEFPTensor:
-    return SEFPTensor(layer.mantissa.numpy(), layer.exponent.numpy(), layer.in_features, fmt)
+    return SEFPTensor(layer.mantissa.numpy(), layer.shared.numpy(), layer.in_features, fmt)
 
 
 def _int_tensor(layer) -> IntTensor:
@@ -326,9 +326,11 @@ class _Exporter:
                           "opset": ops.OPSET, "ir_version": ops.IR_VERSION,
                           "files": _files(out, main["model_files"])},
                 "sefp": {"format": self.fmt.name, "group_size": self.fmt.group_size, "rounding": self.fmt.rounding,
-                         "top_bits": self.fmt.top_bits, "exponent_bits": self.fmt.exponent_bits,
+                         "scale": self.fmt.scale, "top_bits": self.fmt.top_bits,
+                         "exponent_bits": self.fmt.exponent_bits,
                          "domain": ops.DOMAIN, "function": ops.function_name(self.fmt), "bits_input": ops.BITS_INPUT,
-                         "layout": "mantissa int8 [K, N]; scale8 float32 [ceil(K/G), N] = 2^(E-6-x)"},
+                         "layout": "mantissa int8 [K, N]; scale8 float32 [ceil(K/G), N] = "
+                                   + ("2^(E-6-x)" if self.fmt.scale == "pow2" else "fp16 scale * 2^-x")},
                 "bits": list(self.bits),
                 "trained_bits": self.manifest.get("trained_bits"),
                 "default_bits": self.default_bits,

@@ -27,12 +27,16 @@ from otaro import __version__
 from otaro.arch import get_adapter
 from otaro.errors import CheckpointError, OtaroError
 from otaro.formats import Format, IntFormat, SEFPFormat, get_format
+from otaro.formats.table import V1_ROUNDINGS
 from otaro.io import atomic_dir, sha256_file, write_json
 from otaro.modules import LINEAR_CLASSES, QuantInfo, SEFPLinear, attach, quant_layers, set_precision
 
 MANIFEST = "otaro.json"
 WEIGHTS = "model.safetensors"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+# Version 1 (before the unbiased derivations) still loads: its codes are the same kind of data;
+# only the meaning of the rounding name "nearest" changed (now "halfup" in the table).
+READABLE_VERSIONS = (1, 2)
 
 
 def _format_record(fmt: Format) -> dict[str, Any]:
@@ -68,7 +72,7 @@ def quantized_state_dict(model) -> dict[str, torch.Tensor]:
         layer_name, _, leaf = name.rpartition(".")
         if layer_name in layers and isinstance(layers[layer_name], SEFPLinear) and leaf == "weight":
             m8, e = layers[layer_name].codes()
-            state[f"{layer_name}.mantissa"], state[f"{layer_name}.exponent"] = m8, e
+            state[f"{layer_name}.mantissa"], state[f"{layer_name}.{layers[layer_name].fmt.shared_name}"] = m8, e
         else:
             state[name] = t
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -138,9 +142,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or "otaro_checkpoint" not in manifest:
         raise CheckpointError(f"{mpath} is not an otaro checkpoint manifest")
     version = manifest["otaro_checkpoint"]
-    if version != CHECKPOINT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path} is checkpoint format version {version!r}; this otaro ({__version__}) reads version {CHECKPOINT_VERSION}"
+            f"{path} is checkpoint format version {version!r}; this otaro ({__version__}) reads versions "
+            f"{list(READABLE_VERSIONS)}"
         )
     for key, typ in (("format", dict), ("arch", str), ("model_type", str), ("layers", dict), ("weights", dict),
                      ("high_precision", list), ("tied", dict)):
@@ -153,8 +158,22 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _upgrade_v1_format(rec: dict[str, Any]) -> dict[str, Any]:
+    """A format-v1 record in this table's terms (same stored codes, same decoded values)."""
+    if rec.get("family") != "sefp":
+        return rec
+    rounding = V1_ROUNDINGS.get(rec.get("rounding"))
+    if rounding is None:
+        raise CheckpointError(f"checkpoint format {rec.get('name')!r} has no format-v1 rounding")
+    rec = {k: v for k, v in rec.items() if k != "exponent_bits"}
+    rec.update(rounding=rounding, scale="pow2", name=f"sefp-g{rec.get('group_size')}-{rounding}")
+    return rec
+
+
 def format_of(manifest: dict[str, Any]) -> Format:
     rec = manifest["format"]
+    if manifest.get("otaro_checkpoint") == 1:
+        rec = _upgrade_v1_format(dict(rec))
     try:
         fmt = get_format(rec["name"])
     except (KeyError, OtaroError) as e:

@@ -79,23 +79,48 @@ def formats(family, as_json):
 @click.argument("model")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Checkpoint folder to write [default: ./<model>-<format>-<method>].")
 @click.option("--method", default="rtn", show_default=True, help="Quantization method (see the list below).")
-@click.option("--format", "fmt", default="sefp-g64-trunc", show_default=True, metavar="FORMAT",
-              help="Number format from `otaro formats`, e.g. sefp-g64-trunc, sefp-g128-nearest, int4-g128-asym.")
+@click.option("--format", "fmt", default=None, metavar="FORMAT",
+              help="Number format from `otaro formats`, e.g. ssfp-g64-nearest, sefp-g64-trunc, int4-g128-asym "
+                   "[default: the project default SEFP row].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-def quantize(model, output, method, fmt, overwrite):
+@click.option("--calib", "calib", multiple=True, metavar="SPEC",
+              help="Calibration text for gptq: .txt, .jsonl, a folder, a saved `datasets` folder or corpus:NAME "
+                   "(repeatable, or a comma list).")
+@click.option("--calib-samples", default=128, show_default=True, help="Calibration windows to draw.")
+@click.option("--calib-len", default=512, show_default=True, help="Tokens per calibration window.")
+@click.option("--calib-seed", default=0, show_default=True, help="Seed of the window draw.")
+@click.option("--bits", "bits", metavar="SPEC",
+              help="Target bit-widths with optional weights, e.g. '3:1,4:1,8:1' or '2-8' (SEFP: the precisions "
+                   "gptq optimizes for, default all; int: only the format's own bit-width).")
+@click.option("--damp", default=0.01, show_default=True, help="GPTQ damping, a fraction of the mean Hessian diagonal.")
+@click.option("--act-order/--no-act-order", default=True, show_default=True,
+              help="GPTQ: quantize columns by decreasing Hessian diagonal (groups stay static, so the layout is unchanged).")
+@click.option("--block-size", default=128, show_default=True, help="GPTQ: columns per lazy batch update.")
+@click.option("--scale-search/--no-scale-search", default=True, show_default=True,
+              help="mbrtn/gptq on SEFP: pick each group's shared scale (exponent E or E-1; fp16 clipping grid) "
+                   "by the same weighted error.")
+def quantize(model, output, method, fmt, overwrite, calib, calib_samples, calib_len, calib_seed, bits, damp,
+             act_order, block_size, scale_search):
     """Quantize MODEL and write a checkpoint (safetensors + otaro.json manifest).
 
     An SEFP checkpoint stores 8-bit mantissas and per-group exponents once; every precision
     from 2 to 8 bits is derived from it at load or run time (`otaro eval --bits`).
-    Methods: rtn (round-to-nearest / direct encoding, no data). GPTQ, AWQ and the other
-    post-training methods plug into this command as they land.
+    Methods: rtn (round-to-nearest / direct encoding, no data); mbrtn (SEFP: each stored code
+    minimises the weighted error over the --bits targets, no data); gptq (error-compensated
+    rounding against Hessians from --calib text; for SEFP weighted over the --bits targets).
     """
     from pathlib import Path
 
+    from otaro.formats import DEFAULT_SEFP
     from otaro.quantize import QuantizeConfig, quantize as run
 
+    fmt = fmt or DEFAULT_SEFP
+
     output = output or f"{Path(model).name}-{fmt}-{method}"
-    cfg = QuantizeConfig(model=model, output=output, method=method, format=fmt, overwrite=overwrite)
+    calib = tuple(part for value in calib for part in value.split(",") if part)
+    cfg = QuantizeConfig(model=model, output=output, method=method, format=fmt, overwrite=overwrite, calib=calib,
+                         calib_samples=calib_samples, calib_len=calib_len, calib_seed=calib_seed, bits=bits or (),
+                         damp=damp, act_order=act_order, block_size=block_size, scale_search=scale_search)
     from tqdm.auto import tqdm
 
     with tqdm(desc=f"{method} {fmt}", unit="layer", disable=None, leave=False) as bar:
@@ -115,13 +140,29 @@ def quantize(model, output, method, fmt, overwrite):
 @click.option("--max-windows", default=40, show_default=True, help="Windows per text, evenly spaced (0 = all).")
 @click.option("--batch-size", default=1, show_default=True)
 @click.option("--threads", type=int, help="CPU threads for torch [default: torch's].")
+@click.option("--reference", metavar="MODEL",
+              help="Unquantized model the KLD/top-1 metrics compare against (HF folder or model name, loaded fp32; "
+                   "same vocabulary and tokenizer) [default: the checkpoint's source model, or MODEL itself].")
+@click.option("--no-reference", is_flag=True, help="Skip the KLD and top-1 metrics.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Folder for eval.json and eval.png [default: ./eval-<model>].")
-def eval_cmd(model, texts, corpora, bits, fmts, no_baseline, seq_len, max_windows, batch_size, threads, output):
-    """Perplexity and bits-per-byte of MODEL at each bit-width.
+def eval_cmd(model, texts, corpora, bits, fmts, no_baseline, seq_len, max_windows, batch_size, threads, reference,
+             no_reference, output):
+    """Perplexity, bits-per-byte and fidelity to an unquantized reference of MODEL at each bit-width.
 
     MODEL is an otaro checkpoint (evaluated at --bits), or an unquantized model evaluated in
     fp32 and, with --format, quantized on the fly. Prints a table and writes eval.json and a
-    perplexity-vs-bits plot (eval.png).
+    plot (eval.png: perplexity vs bits, and KLD vs bits when measured).
+
+    \b
+    Fidelity over the same windows (like llama.cpp's --kl-divergence):
+      KLD    mean KL(P_ref || P_quant), nats per predicted token (0 = same)
+      p99    99th percentile of the per-token KL (the worst positions)
+      top-1  % of positions where quantized and reference argmax agree
+
+    The reference is --reference, else the source model recorded in the checkpoint (when it
+    loads here), else, for a model quantized on the fly, the unquantized model itself. Its
+    log-probs are computed once and reused for every bit-width (memory-mapped in a temporary
+    folder when large: vocab x tokens x 4 bytes). Without a reference the metrics are skipped.
     """
     from pathlib import Path
 
@@ -131,10 +172,14 @@ def eval_cmd(model, texts, corpora, bits, fmts, no_baseline, seq_len, max_window
     cfg = EvalConfig(
         model=model, texts=tuple(texts) + tuple(f"corpus:{c}" for c in corpora), bits=bits, formats=tuple(fmts),
         baseline=not no_baseline, seq_len=seq_len, max_windows=max_windows or None, batch_size=batch_size,
-        threads=threads,
+        threads=threads, reference=reference, use_reference=not no_reference,
     )
     result = run_eval(cfg)
+    if result["reference"]["note"]:
+        click.echo(f"note: {result['reference']['note']}", err=True)
     title = f"{result['model']['name']} — perplexity per bit-width"
+    if any(r["kld"] is not None for r in result["rows"]):
+        title += f", KLD/top-1 vs {Path(result['reference']['model']).name}"
     click.echo(report.table_text(result["rows"], title))
     out = report.save(result, output or f"eval-{Path(model).name}", title)
     click.echo(f"wrote {out['json']} and {out['png']} ({result['seconds']:.1f} s)")

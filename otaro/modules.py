@@ -54,7 +54,8 @@ class SEFPLinear(nn.Module):
         in_p = -(-in_features // fmt.group_size) * fmt.group_size
         if packed:
             self.register_buffer("mantissa", torch.zeros(out_features, in_p, dtype=torch.int8))
-            self.register_buffer("exponent", torch.zeros(out_features, in_p // fmt.group_size, dtype=torch.int8))
+            self.register_buffer(fmt.shared_name, torch.zeros(out_features, in_p // fmt.group_size,
+                                                              dtype=torch.int8 if fmt.scale == "pow2" else torch.float16))
             self.weight = None
         else:
             self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=dtype))
@@ -66,6 +67,23 @@ class SEFPLinear(nn.Module):
     def packed(self) -> bool:
         return self.weight is None
 
+    @property
+    def shared(self) -> torch.Tensor:
+        """Per-group shared value: int8 exponents (sefp) or fp16 scales (ssfp)."""
+        return getattr(self, self.fmt.shared_name)
+
+    @classmethod
+    def from_codes(cls, linear: nn.Linear, fmt: SEFPFormat, mantissa: torch.Tensor, shared: torch.Tensor):
+        """A packed layer from stored codes chosen by a method (GPTQ, multi-bit selection)."""
+        w = linear.weight
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, fmt, packed=True, dtype=w.dtype)
+        mod.to(w.device)
+        mod.mantissa.copy_(mantissa)
+        mod.shared.copy_(shared)
+        if linear.bias is not None:
+            mod.bias.data.copy_(linear.bias.detach())
+        return mod
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: SEFPFormat, packed: bool = True, name: str = "weight"):
         w = linear.weight.detach()
@@ -75,7 +93,7 @@ class SEFPLinear(nn.Module):
         if packed:
             m8, e = Q.sefp_encode(w, fmt, name=name)
             mod.mantissa.copy_(m8)
-            mod.exponent.copy_(e)
+            mod.shared.copy_(e)
         else:
             Q.check_finite(w, name)
             mod.weight.data.copy_(w)
@@ -93,9 +111,9 @@ class SEFPLinear(nn.Module):
             self.bits, self._cache = bits, None
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored 8-bit (mantissa, exponent): buffers, or encoded from the master weight."""
+        """The stored 8-bit (mantissa, shared): buffers, or encoded from the master weight."""
         if self.packed:
-            return self.mantissa, self.exponent
+            return self.mantissa, self.shared
         return Q.sefp_encode(self.weight.detach(), self.fmt)
 
     def quantized_weight(self, bits: int | None = None) -> torch.Tensor:
@@ -107,7 +125,7 @@ class SEFPLinear(nn.Module):
             return _StraightThrough.apply(self.weight, q)
         if self._cache is not None and self._cache[0] == bits:
             return self._cache[1]
-        w = Q.sefp_dequantize(self.mantissa, self.exponent, bits, self.fmt, self.in_features, self.compute_dtype)
+        w = Q.sefp_dequantize(self.mantissa, self.shared, bits, self.fmt, self.in_features, self.compute_dtype)
         if bits == self.bits:
             self._cache = (bits, w)
         return w
@@ -123,7 +141,7 @@ class SEFPLinear(nn.Module):
         del self.weight
         self.weight = None
         self.register_buffer("mantissa", m8)
-        self.register_buffer("exponent", e)
+        self.register_buffer(self.fmt.shared_name, e)
         self._cache = None
         if self.bits is None:
             self.bits = self.fmt.top_bits

@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from otaro.errors import FormatError, OtaroError
-from otaro.formats import DEFAULT_SEFP, get_format
+from otaro.formats import DEFAULT_SEFP, get_format, parse_bit_weights
 
-QUANTIZE_CONFIG_VERSION = 1
+QUANTIZE_CONFIG_VERSION = 2  # 2: calibration and GPTQ fields
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,24 @@ class QuantizeConfig:
     method: str = "rtn"
     format: str = DEFAULT_SEFP
     overwrite: bool = False
+    # Calibration (methods with needs_calibration): data specs as for finetune (.txt, .jsonl,
+    # folder, saved dataset, corpus:NAME), windows drawn with a seeded generator.
+    calib: tuple[str, ...] = ()
+    calib_samples: int = 128
+    calib_len: int = 512
+    calib_seed: int = 0
+    # Target bit-widths with weights λ_b, ((bits, λ_b), ...) as parse_bit_weights returns them;
+    # a spec string ("3:1,4:1,8:1") is accepted and normalized. Empty = the format's own:
+    # every SEFP bit-width with weight 1, or the int format's one bit-width.
+    bits: tuple[tuple[int, float], ...] = ()
+    # GPTQ. With act_order the groups are static (parameters fixed from the unpermuted W), so
+    # g_idx is the plain column // G and the checkpoint layout is RTN's: nothing extra stored.
+    damp: float = 0.01
+    act_order: bool = True
+    block_size: int = 128
+    # SEFP multi-bit methods (mbrtn, gptq): search each group's shared scale (pow2: E or E-1;
+    # fp16: a clipping grid) on the same λ-weighted error.
+    scale_search: bool = True
     version: int = QUANTIZE_CONFIG_VERSION
 
     def __post_init__(self):
@@ -27,9 +45,50 @@ class QuantizeConfig:
         method = get_method(self.method)
         if fmt.family not in method.families:
             raise FormatError(f"method {self.method} cannot produce {fmt.family} formats ({fmt.name})")
+        calib = (self.calib,) if isinstance(self.calib, str) else tuple(self.calib)
+        object.__setattr__(self, "calib", calib)
+        if method.needs_calibration:
+            self._check_calibration()
+        elif calib:
+            raise OtaroError(f"method {self.method} uses no calibration data; drop --calib")
+        if method.target_bits:
+            object.__setattr__(self, "bits", self._target_bits(fmt))
+        elif self.bits:
+            raise OtaroError(f"method {self.method} has no target bit-widths; drop --bits")
+        if not 0 < self.damp <= 1:
+            raise OtaroError(f"--damp must be in (0, 1] (a fraction of the mean Hessian diagonal), got {self.damp}")
+        if self.block_size < 1:
+            raise OtaroError(f"--block-size must be at least 1 (got {self.block_size})")
         out = Path(self.output)
         if out.exists() and not self.overwrite:
             raise OtaroError(f"output folder {out} already exists (pass --overwrite to replace it)")
+
+    def _check_calibration(self):
+        from otaro.methods.calib import check_calibration_specs
+
+        if not self.calib:
+            raise OtaroError(f"method {self.method} needs calibration data: --calib FILE|FOLDER|corpus:NAME")
+        if self.calib_samples < 1:
+            raise OtaroError(f"--calib-samples must be at least 1 (got {self.calib_samples})")
+        if self.calib_len < 2:
+            raise OtaroError(f"--calib-len must be at least 2 tokens (got {self.calib_len})")
+        check_calibration_specs(self.calib)
+
+    def _target_bits(self, fmt) -> tuple[tuple[int, float], ...]:
+        if fmt.family == "int":
+            # One stored precision: --bits may only repeat it (a weight means nothing alone).
+            if self.bits:
+                given = parse_bit_weights(self.bits)
+                if [b for b, _ in given] != [fmt.bits]:
+                    raise FormatError(f"{fmt.name} holds {fmt.bits}-bit weights only; --bits must be absent "
+                                      f"or {fmt.bits} (got {', '.join(str(b) for b, _ in given)})")
+            return ((fmt.bits, 1.0),)
+        if not self.bits:
+            return tuple((b, 1.0) for b in fmt.bits)
+        try:
+            return parse_bit_weights(self.bits, allowed=fmt.bits)
+        except FormatError as e:
+            raise FormatError(f"--bits for {fmt.name}: {e}") from None
 
 
 def quantize(config: QuantizeConfig, progress=None) -> Path:
@@ -43,6 +102,15 @@ def quantize(config: QuantizeConfig, progress=None) -> Path:
         raise OtaroError(f"{config.model} is already quantized; quantize the original model")
     fmt = get_format(config.format)
     method = get_method(config.method)
-    model = method.run(src.model, fmt, config, None, progress)
+    calibration = None
+    if method.needs_calibration:
+        from otaro.methods.calib import calibration_windows
+
+        # Built (and checked: enough tokens, length within the model's positions) before any
+        # layer is touched.
+        max_pos = getattr(src.model.config, "max_position_embeddings", None)
+        calibration = calibration_windows(src.tokenizer, config.calib, config.calib_samples, config.calib_len,
+                                          seed=config.calib_seed, max_positions=max_pos)
+    model = method.run(src.model, fmt, config, calibration, progress)
     extra = {"method": {"name": method.name, "config": asdict(config)}, "source": {"model": config.model, "kind": src.kind}}
     return checkpoint.save(model, config.output, tokenizer=src.tokenizer, overwrite=config.overwrite, extra=extra)

@@ -20,9 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from otaro.errors import FormatError, OtaroError
+from otaro.formats.table import V1_ROUNDINGS, SEFPFormat
 
 MANIFEST = "otaro_artifact.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# v1 artifacts (before the unbiased derivations) still load: their rounding names are remapped.
+READABLE_VERSIONS = (1, 2)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -58,9 +61,9 @@ def validate(m: Any) -> dict:
     if not isinstance(m, dict):
         raise ArtifactError("manifest is not a JSON object")
     version = m.get("otaro_artifact")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ArtifactError(f"artifact format version {version!r} is not supported by this otaro "
-                            f"(it reads version {FORMAT_VERSION}); re-export the model with this otaro")
+                            f"(it reads versions {list(READABLE_VERSIONS)}); re-export the model with this otaro")
     _require(m, "format", str)
     model = _require(m, "model", dict)
     for k in ("file", "data"):
@@ -70,6 +73,16 @@ def validate(m: Any) -> dict:
     for k in ("format", "function", "domain", "bits_input", "rounding"):
         _require(sefp, k, str, "manifest sefp")
     _require(sefp, "group_size", int, "manifest sefp")
+    if version == 1:
+        # Format v1's "nearest" rounded half up; the table keeps that derivation as "halfup".
+        rounding = sefp["rounding"]
+        if rounding not in V1_ROUNDINGS:
+            raise ArtifactError(f"manifest sefp rounding {rounding!r} is not a format-v1 rounding")
+        sefp["rounding"], sefp["scale"] = V1_ROUNDINGS[rounding], "pow2"
+    try:
+        SEFPFormat(group_size=sefp["group_size"], rounding=sefp["rounding"], scale=sefp.get("scale", "pow2"))
+    except FormatError as e:
+        raise ArtifactError(f"manifest sefp format is not in this otaro's table: {e}") from None
     bits = _require(m, "bits", list)
     if not bits or not all(isinstance(b, int) and 2 <= b <= 8 for b in bits):
         raise ArtifactError(f"manifest bits {bits!r} must be integers 2-8")

@@ -143,7 +143,7 @@ class Master:
 
     def __init__(self, root: Path, manifest: dict):
         model, sefp = manifest["model"], manifest["sefp"]
-        self.fmt = SEFPFormat(group_size=sefp["group_size"], rounding=sefp["rounding"])
+        self.fmt = SEFPFormat(group_size=sefp["group_size"], rounding=sefp["rounding"], scale=sefp.get("scale", "pow2"))
         self.function, self.domain = sefp["function"], sefp["domain"]
         self.data_name = model["data"]
         try:

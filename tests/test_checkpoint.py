@@ -14,13 +14,13 @@ X = torch.tensor([[1, 5, 9, 200, 31]])
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-@pytest.mark.parametrize("fmt", ["sefp-g64-trunc", "sefp-g16-nearest", "int4-g32-asym", "int3-g128-sym"])
+@pytest.mark.parametrize("fmt", ["sefp-g64-trunc", "sefp-g16-nearest", "ssfp-g64-nearest", "int4-g32-asym", "int3-g128-sym"])
 def test_round_trip_is_bit_exact_for_every_arch(tmp_path, arch, fmt):
     model = convert(tiny_model(arch), fmt)
     checkpoint.save(model, tmp_path / "ck", tokenizer=tiny_tokenizer())
     loaded = checkpoint.load(tmp_path / "ck")
     assert type(loaded) is type(model)  # a transformers model, usable with .generate
-    bits_list = model.otaro.fmt.bits if fmt.startswith("sefp") else (model.otaro.fmt.bits,)
+    bits_list = model.otaro.fmt.bits if model.otaro.fmt.family == "sefp" else (model.otaro.fmt.bits,)
     for b in bits_list:
         model.set_precision(b)
         loaded.set_precision(b)
@@ -130,3 +130,34 @@ def test_save_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch, saved):
     with pytest.raises(RuntimeError):
         checkpoint.save(model, saved, overwrite=True)
     assert checkpoint.load(saved) is not None  # the old checkpoint survived the failed overwrite
+
+
+@pytest.mark.parametrize("v1_rounding, now", [("nearest", "halfup"), ("trunc", "trunc"), ("midpoint", "midpoint")])
+def test_format_v1_checkpoints_still_load_and_decode_as_they_were_made(tmp_path, v1_rounding, now):
+    """A checkpoint written before format v2 names its rounding by the v1 meaning: v1 "nearest"
+    (round half up) is the table's legacy "halfup" row today, and decodes bit for bit as before."""
+    model = convert(tiny_model("llama"), f"sefp-g16-{now}")
+    checkpoint.save(model, tmp_path / "ck")
+    m = json.loads((tmp_path / "ck" / checkpoint.MANIFEST).read_text())
+    rec = {k: v for k, v in m["format"].items() if k != "scale"}
+    rec.update(name=f"sefp-g16-{v1_rounding}", rounding=v1_rounding, exponent_bits=8)
+    _edit_manifest(tmp_path / "ck", otaro_checkpoint=1, format=rec)
+    loaded = checkpoint.load(tmp_path / "ck")
+    assert loaded.otaro.fmt.name == f"sefp-g16-{now}"
+    for b in (2, 4, 7, 8):
+        model.set_precision(b)
+        loaded.set_precision(b)
+        assert torch.equal(model(X).logits, loaded(X).logits), b
+
+
+def test_ssfp_checkpoint_stores_fp16_scales(tmp_path):
+    model = convert(tiny_model("llama"), "ssfp-g32-nearest")
+    checkpoint.save(model, tmp_path / "ck")
+    state = load_file(str(tmp_path / "ck" / checkpoint.WEIGHTS))
+    name, layer = next(iter(quant_layers(model).items()))
+    assert state[f"{name}.scale"].dtype == torch.float16 and f"{name}.exponent" not in state
+    loaded = checkpoint.load(tmp_path / "ck")
+    for b in (3, 8):
+        model.set_precision(b)
+        loaded.set_precision(b)
+        assert torch.equal(model(X).logits, loaded(X).logits)

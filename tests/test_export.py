@@ -206,7 +206,7 @@ def test_cli_export_and_inspect(tmp_path):
               "validation vs torch"):
         assert s in r.output
     r = _invoke("inspect", tmp_path / "art", "--json")
-    assert json.loads(r.output)["otaro_artifact"] == 1
+    assert json.loads(r.output)["otaro_artifact"] == 2
 
 
 def _fails(*args, match):

@@ -34,18 +34,21 @@ def test_every_row_round_trips_by_name(name):
     assert row.name == name
     assert get_format(row) is row  # a row passes through unchanged
     if isinstance(row, SEFPFormat):
-        assert SEFPFormat(group_size=row.group_size, rounding=row.rounding) == row
+        assert SEFPFormat(group_size=row.group_size, rounding=row.rounding, scale=row.scale) == row
     elif isinstance(row, IntFormat):
         assert IntFormat(bits=row.bits, group_size=row.group_size, symmetric=row.symmetric) == row
 
 
 def test_table_covers_every_registry_combination():
-    sefp = {(f.group_size, f.rounding) for f in FORMATS.values() if isinstance(f, SEFPFormat)}
-    assert sefp == {(g, r) for g in GROUP_SIZES for r in SEFP_ROUNDINGS}
+    sefp = {(f.group_size, f.rounding, f.scale) for f in FORMATS.values() if isinstance(f, SEFPFormat)}
+    # legacy roundings (format v1, power-of-two scales only) decode old files
+    assert sefp == {(g, r, k) for g in GROUP_SIZES for r, spec in SEFP_ROUNDINGS.items() for k in ("pow2", "fp16")
+                    if k == "pow2" or not spec.legacy}
     ints = {(f.bits, f.group_size, f.symmetric) for f in FORMATS.values() if isinstance(f, IntFormat)}
     assert ints == {(b, g, s) for b in ALL_BITS for g in GROUP_SIZES for s in (True, False)}
     assert DEFAULT_SEFP in FORMATS
-    assert set(quantized_format_names()) == {n for n, f in FORMATS.items() if not isinstance(f, FloatFormat)}
+    offered = {n for n, f in FORMATS.items() if not isinstance(f, FloatFormat) and not n.endswith("-halfup")}
+    assert set(quantized_format_names()) == offered
 
 
 @pytest.mark.parametrize(

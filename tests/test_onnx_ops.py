@@ -6,6 +6,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from otaro.formats.table import SEFP_ROUNDINGS
 from otaro.formats import SEFPFormat, sefp
 from otaro.formats import onnx_ops as ops
 from otaro.formats.pack import sefp_to_matmulnbits
@@ -28,11 +29,14 @@ def _session(m):
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def _encoded(rounding, seed=0):
+def _encoded(rounding, seed=0, scale="pow2"):
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((N, K)) * rng.lognormal(0, 2, (N, 1))).astype(np.float32)
     w[3, :] = 0  # an all-zero row: sentinel exponents
-    return sefp.encode(w, SEFPFormat(16, rounding))
+    return sefp.encode(w, SEFPFormat(16, rounding, scale=scale))
+
+
+ROWS = [(r, k) for k in ("pow2", "fp16") for r in sorted(SEFP_ROUNDINGS) if k == "pow2" or not SEFP_ROUNDINGS[r].legacy]
 
 
 def _check(y, x, t, bits):
@@ -41,9 +45,24 @@ def _check(y, x, t, bits):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("rounding", ["trunc", "nearest", "midpoint"])
-def test_sefp_function_matches_the_codec_at_every_bits(rounding):
-    t = _encoded(rounding)
+@pytest.mark.parametrize("rounding, scale", ROWS)
+def test_sefp_function_is_bit_exact_with_the_codec_at_every_bits(rounding, scale):
+    """The ONNX body is emitted from the same derivation as the numpy codec: with X = I every
+    output is one product, so Y must equal the decoded weight bit for bit."""
+    t = _encoded(rounding, scale=scale)
+    mant, scale8 = ops.sefp_initializers(t)
+    eye = np.eye(K, dtype=np.float32)
+    for bits in range(2, 9):
+        m = _model([ops.sefp_node(t.fmt, "X", "M", "S", "Y", "n")],
+                   [numpy_helper.from_array(mant, "M"), numpy_helper.from_array(scale8, "S"),
+                    numpy_helper.from_array(np.array(bits, np.int64), ops.BITS_INPUT)], [ops.sefp_function(t.fmt)])
+        y = _session(m).run(None, {"X": eye})[0]
+        np.testing.assert_array_equal(y.T, sefp.decode(t, bits))
+
+
+@pytest.mark.parametrize("rounding, scale", ROWS)
+def test_sefp_function_matches_the_codec_at_every_bits(rounding, scale):
+    t = _encoded(rounding, scale=scale)
     mant, scale8 = ops.sefp_initializers(t)
     x = np.random.default_rng(1).standard_normal((5, K)).astype(np.float32)
     for bits in range(2, 9):
@@ -65,12 +84,12 @@ def test_bits_as_a_graph_input_switches_per_run():
         _check(s.run(None, {"X": x, ops.BITS_INPUT: np.array(bits, np.int64)})[0], x, t, bits)
 
 
-@pytest.mark.parametrize("rounding", ["trunc", "nearest", "midpoint"])
-def test_initializers_round_trip_to_the_tensor(rounding):
-    t = _encoded(rounding)
+@pytest.mark.parametrize("rounding, scale", ROWS)
+def test_initializers_round_trip_to_the_tensor(rounding, scale):
+    t = _encoded(rounding, scale=scale)
     back = ops.sefp_from_initializers(*ops.sefp_initializers(t), t.fmt)
     np.testing.assert_array_equal(back.mantissa, t.mantissa)
-    np.testing.assert_array_equal(back.exponent, t.exponent)
+    np.testing.assert_array_equal(back.shared, t.shared)
     assert back.in_features == t.in_features
 
 

@@ -105,15 +105,17 @@ def test_kernel_planes_suffice_for_every_rounding(m, fmt, b, seed):
     )
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "midpoint"])
-def test_b_planes_alone_are_not_enough_where_the_table_says_so(rounding):
-    # planes_read is not overstated: with only the first b planes these roundings go wrong.
+@pytest.mark.parametrize("rounding, extra", [("halfup", 1), ("midpoint", 1), ("nearest", 8)])
+def test_b_planes_alone_are_not_enough_where_the_table_says_so(rounding, extra):
+    # planes_read is not overstated: with only the first b planes (nearest: with any fewer than
+    # all 8, since a tie is "the dropped bits are exactly 10...0") these roundings go wrong.
     fmt = SEFPFormat(rounding=rounding)
-    m = np.array([[1, -1, 3, 0, 12, -13, 48, 64]], np.int8)
+    m = np.array([[1, -1, 3, 0, 12, -13, 48, 64, 66, 65, 97, 96, 33, 32, 80, 81, 17, 9, 5, 2, 7, 11, 25, 40]], np.int8)
     p = pack_bitplanes(m)
     for b in range(2, 8):
-        assert fmt.planes_read(b) == b + 1
-        assert (sefp.derive_codes(unpack_bitplanes(p, b), b, fmt) != sefp.derive_codes(m, b, fmt)).any()
+        assert fmt.planes_read(b) == min(b + extra, 8)
+        assert (sefp.derive_codes(unpack_bitplanes(p, fmt.planes_read(b) - 1), b, fmt)
+                != sefp.derive_codes(m, b, fmt)).any()
 
 
 def test_pack_sefp_bitplanes_and_bytes_read():
@@ -131,7 +133,9 @@ def test_pack_sefp_bitplanes_and_bytes_read():
     assert bitplane_bytes_read(fmt, 4, 4096, 4096) == 4 * 4096 * 512 + 4096 * 64
     for b in ALL_BITS:  # trunc reads exactly bits_per_weight
         assert bitplane_bytes_read(fmt, b, 128, 4096) * 8 == fmt.bits_per_weight(b) * 128 * 4096
-    assert bitplane_bytes_read(FORMATS["sefp-g64-nearest"], 4, 1, 64) == 5 * 8 + 1
+    assert bitplane_bytes_read(FORMATS["sefp-g64-halfup"], 4, 1, 64) == 5 * 8 + 1
+    assert bitplane_bytes_read(FORMATS["sefp-g64-nearest"], 4, 1, 64) == 8 * 8 + 1
+    assert bitplane_bytes_read(FORMATS["ssfp-g64-trunc"], 4, 1, 64) == 4 * 8 + 2
     assert bitplane_bytes_read(FORMATS["sefp-g64-midpoint"], 8, 1, 64) == 8 * 8 + 1
     assert bitplane_bytes_read(fmt, 2, 1, 65) == 2 * 16 + 2  # ragged: padded to two groups
 
@@ -228,10 +232,10 @@ def test_sefp_to_matmulnbits_reproduces_decode(fmt):
             continue
         B, scales, c = sefp_to_matmulnbits(t, b)
         assert c == fmt.container_bits(b) and scales.dtype == np.float32
-        assert scales.shape == t.exponent.shape
+        assert scales.shape == t.shared.shape
         q = unpack_matmulnbits(B, c, w.shape[1]).astype(np.float32)
         deq = q.reshape(6, -1) * np.repeat(scales, fmt.group_size, axis=1)[:, : w.shape[1]]
-        np.testing.assert_array_equal(deq, sefp.decode(t, b))  # power-of-two scales: exact
+        np.testing.assert_array_equal(deq, sefp.decode(t, b))  # power-of-two or fp16 scales: exact
 
 
 # --------------------------------------------------------------------------- onnxruntime

@@ -10,12 +10,25 @@ from otaro.modules import LINEAR_CLASSES, convert, quant_layers
 
 
 def test_every_method_runs_on_every_family_it_claims():
+    from otaro.quantize import QuantizeConfig
+
     for method in METHODS.values():
         for family in method.families:
             fmt = next(f for f in FORMATS.values() if f.family == family)
-            model = method.run(tiny_model("llama"), fmt, None, None, None)
+            calib = None
+            config = None
+            if method.needs_calibration or method.target_bits:
+                # a config as `otaro quantize` builds it (targets normalised), plus a few windows
+                config = QuantizeConfig.__new__(QuantizeConfig)
+                defaults = QuantizeConfig.__dataclass_fields__
+                for k, f in defaults.items():
+                    object.__setattr__(config, k, f.default)
+                bits = ((fmt.bits, 1.0),) if family == "int" else ((3, 1.0), (8, 1.0))
+                object.__setattr__(config, "bits", bits)
+                calib = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+            model = method.run(tiny_model("llama"), fmt, config, calib, None)
             layers = quant_layers(model)
-            assert layers and all(isinstance(l, LINEAR_CLASSES[family]) for l in layers.values())
+            assert layers and all(isinstance(l, LINEAR_CLASSES[family]) for l in layers.values()), method.name
 
 
 def test_every_quantized_format_builds_a_layer_that_runs_at_each_of_its_bits():

@@ -1,4 +1,5 @@
-"""Eval results as a terminal table, JSON and a PNG plot (perplexity vs bits, one line per text)."""
+"""Eval results as a terminal table, JSON and a PNG plot (perplexity vs bits, one line per text;
+a second panel with KL divergence to the reference vs bits when it was measured)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,25 @@ def _row_key(row: dict) -> tuple:
     return (row["label"], -1 if row["bits"] is None else row["bits"])
 
 
+def _has_kld(rows: Sequence[dict]) -> bool:
+    return any(r.get("kld") is not None for r in rows)
+
+
+def _fidelity_cells(r: dict | None) -> list[str]:
+    if r is None:
+        return ["", "", ""]
+    if r.get("kld") is None:
+        return ["-", "-", "-"]
+    return [f"{r['kld']:.4g}", f"{r['kld_p99']:.4g}", f"{100 * r['top1']:.2f}"]
+
+
 def table(rows: Sequence[dict], title: str = ""):
-    """A rich Table: one line per (format, bits), perplexity and bits/byte per text."""
+    """A rich Table: one line per (format, bits), perplexity and bits/byte per text, and when a
+    reference was measured its mean and 99th-percentile KLD (nats/token) and top-1 agreement (%)."""
     from rich.table import Table
 
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    fidelity = _has_kld(rows)
     t = Table(title=title or None, show_lines=False)
     t.add_column("format")
     t.add_column("bits", justify="right")
@@ -26,6 +41,10 @@ def table(rows: Sequence[dict], title: str = ""):
     for d in datasets:
         t.add_column(f"{d} ppl", justify="right")
         t.add_column(f"{d} bpb", justify="right")
+        if fidelity:
+            t.add_column(f"{d} KLD", justify="right")
+            t.add_column(f"{d} p99", justify="right")
+            t.add_column(f"{d} top-1%", justify="right")
     grouped: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in rows:
         grouped[_row_key(r)][r["dataset"]] = r
@@ -36,6 +55,8 @@ def table(rows: Sequence[dict], title: str = ""):
         for d in datasets:
             r = by_d.get(d)
             cells += [f"{r['ppl']:.2f}", f"{r['bpb']:.4f}"] if r else ["", ""]
+            if fidelity:
+                cells += _fidelity_cells(r)
         t.add_row(*cells)
     return t
 
@@ -49,13 +70,18 @@ def table_text(rows: Sequence[dict], title: str = "", width: int = 120) -> str:
 
 
 def plot(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
-    """Perplexity (log scale) vs bit-width; unquantized rows drawn as dashed horizontal lines."""
+    """Perplexity (log scale) vs bit-width; unquantized rows drawn as dashed horizontal lines.
+    With KLD measured, a second panel shows it (log scale) vs bit-width."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    if _has_kld(rows):
+        fig, (ax, kax) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        kax = None
     series: dict[tuple, list] = defaultdict(list)
     for r in rows:
         series[(r["dataset"], r["label"])].append(r)
@@ -70,12 +96,25 @@ def plot(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
         pts = sorted(pts, key=lambda r: r["bits"])
         style = styles[labels.index(label) % len(styles)]
         ax.plot([p["bits"] for p in pts], [p["ppl"] for p in pts], style, color=dcolor[dataset], label=f"{dataset} {label}")
+        # KLD 0 (the reference itself) has no place on a log axis
+        kpts = [p for p in pts if p.get("kld") is not None and p["kld"] > 0]
+        if kax is not None and kpts:
+            kax.plot([p["bits"] for p in kpts], [p["kld"] for p in kpts], style, color=dcolor[dataset],
+                     label=f"{dataset} {label}")
     ax.set_yscale("log")
     ax.set_xlabel("weight bit-width b")
     ax.set_ylabel("perplexity (log scale)")
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title)
     ax.legend(fontsize=7)
+    if kax is not None:
+        kax.set_yscale("log")
+        kax.set_xlabel("weight bit-width b")
+        kax.set_ylabel("mean KL(ref || quantized), nats/token (log scale)")
+        kax.grid(True, which="both", alpha=0.3)
+        kax.set_title("KL divergence to the reference")
+        if kax.lines:
+            kax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
     with atomic_file(path, "wb") as f:

@@ -1,8 +1,12 @@
-"""``otaro eval``: quality per bit-width of a checkpoint or of a model quantized on the fly."""
+"""``otaro eval``: quality per bit-width of a checkpoint or of a model quantized on the fly:
+perplexity and bits/byte, and fidelity to an unquantized reference (mean and 99th-percentile
+KL(P_ref || P_q) per token, top-1 agreement) from the same forward passes."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +30,8 @@ class EvalConfig:
     max_windows: int | None = 40
     batch_size: int = 1
     threads: int | None = None
+    reference: str | None = None  # KLD/top-1 reference; None: the source model (see evaluation.reference)
+    use_reference: bool = True  # False: skip KLD/top-1
     version: int = EVAL_CONFIG_VERSION
 
     def __post_init__(self):
@@ -39,6 +45,8 @@ class EvalConfig:
             raise OtaroError(f"--max-windows must be positive (got {self.max_windows})")
         if self.batch_size < 1:
             raise OtaroError(f"--batch-size must be positive (got {self.batch_size})")
+        if self.reference is not None and not self.use_reference:
+            raise OtaroError("--reference and --no-reference contradict each other")
 
 
 def series_label(fmt) -> str:
@@ -68,9 +76,18 @@ def _plan(model, src_kind: str, cfg: EvalConfig):
     return rows
 
 
+def _row(w, label, fmt, bits, bpw, s) -> dict:
+    return {
+        "dataset": w.name, "label": label, "format": None if fmt is None else fmt.name, "bits": bits,
+        "bits_per_weight": bpw, "ppl": s.ppl, "bpb": s.bpb, "tokens": s.tokens, "bytes": s.bytes,
+        "kld": s.kld, "kld_p99": s.kld_p99, "top1": s.top1,
+    }
+
+
 def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
+    from otaro.evaluation import reference as refs
     from otaro.evaluation.data import make_windows, read_text
     from otaro.evaluation.metrics import score
     from otaro.modules import convert, set_precision
@@ -85,12 +102,28 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict:
     plan = _plan(src.model, src.kind, cfg)
     max_pos = getattr(src.model.config, "max_position_embeddings", None)
     windows = [make_windows(src.tokenizer, text, cfg.seq_len, cfg.max_windows, label, max_pos) for label, text in texts]
+    # a reference that does not fit fails here, before any window is scored
+    ref = refs.resolve(cfg.reference, cfg.use_reference, src, cfg.model)
     rows = []
-    total = len(plan) * sum(len(w.tokens) for w in windows)
+    # the fp32 row of a self-referenced model is the reference pass itself: not scored twice
+    reuse_fp32 = ref.is_self and any(fmt is None for _, fmt, _, _ in plan)
+    passes = len(plan) + (ref.model is not None) - reuse_fp32
+    total = passes * sum(len(w.tokens) for w in windows)
     t0 = time.perf_counter()
     models: dict = {}  # format name -> converted model (the source model itself for a checkpoint)
-    with tqdm(total=total, desc="eval", unit="win", disable=not show_progress or None, leave=False) as bar:
+    with contextlib.ExitStack() as stack, \
+            tqdm(total=total, desc="eval", unit="win", disable=not show_progress or None, leave=False) as bar:
+        cache, ref_scores = None, None
+        if ref.model is not None:
+            bar.set_postfix_str(f"reference {ref.name}")
+            cache, ref_scores = refs.compute(ref.model, windows, cfg.batch_size, bar.update)
+            stack.callback(cache.close)
+            ref = dataclasses.replace(ref, model=None)  # a separate reference model is not needed any more
         for label, fmt, bits, bpw in plan:
+            if fmt is None and reuse_fp32:
+                for w, s in zip(windows, ref_scores):
+                    rows.append(_row(w, label, fmt, bits, bpw, dataclasses.replace(s, kld=0.0, kld_p99=0.0, top1=1.0)))
+                continue
             model = src.model
             if fmt is not None and src.kind != "checkpoint":
                 if fmt.name not in models:
@@ -100,18 +133,19 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict:
             if fmt is not None and fmt.family == "sefp":
                 set_precision(model, bits)
             bar.set_postfix_str(f"{label} b={bits or '-'}")
-            for w in windows:
-                s = score(model, w, cfg.batch_size, progress=bar.update)
-                rows.append({
-                    "dataset": w.name, "label": label, "format": None if fmt is None else fmt.name, "bits": bits,
-                    "bits_per_weight": bpw, "ppl": s.ppl, "bpb": s.bpb, "tokens": s.tokens, "bytes": s.bytes,
-                })
+            for i, w in enumerate(windows):
+                s = score(model, w, cfg.batch_size, progress=bar.update, reference=None if cache is None else cache[i])
+                rows.append(_row(w, label, fmt, bits, bpw, s))
     fmt_names = sorted({r["format"] for r in rows if r["format"]})
     return {
         "otaro_eval": EVAL_CONFIG_VERSION,
         "config": asdict(cfg),
         "model": {"name": src.name, "kind": src.kind, "arch": src.model.config.model_type, "formats": fmt_names},
         "windows": {w.name: {"count": len(w.tokens), "seq_len": cfg.seq_len, "text_tokens": w.total_tokens} for w in windows},
+        "reference": {
+            "model": ref.name, "origin": ref.origin, "note": ref.note,
+            "ppl": None if ref_scores is None else {w.name: s.ppl for w, s in zip(windows, ref_scores)},
+        },
         "rows": rows,
         "seconds": round(time.perf_counter() - t0, 2),
         "machine": machine_info(),

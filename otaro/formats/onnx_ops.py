@@ -13,8 +13,8 @@ Two forms (DESIGN.md §7.9):
 
 Layouts: ``mantissa`` is int8 ``[K, N]`` (the transposed weight, K = in_features, unpadded),
 ``scale8`` float32 ``[ceil(K/G), N]`` = the b = 8 step ``2^(E - 6 - x)``; at b the step is
-``scale8 · 2^(8-b)``. Integer ``Div`` truncates toward zero, which is exactly sign-magnitude
-truncation of the magnitude, so no Abs/Sign dance is needed for ``trunc``.
+``scale8 · 2^(8-b)``. The derivation nodes come from the format table's one definition
+(:class:`OnnxOps` emits them); ssfp rows use the same body, their scale8 being fp16 values.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from otaro.errors import FormatError
-from otaro.formats.sefp import SEFPTensor, step_exponent
+from otaro.formats.sefp import SEFPTensor, step_scale
 from otaro.formats.table import ALL_BITS, TOP_BITS, SEFPFormat
 
 DOMAIN = "ai.otaro"
@@ -45,43 +45,57 @@ def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name))
 
 
-def _decode_nodes(rounding: str) -> list[onnx.NodeProto]:
-    """Nodes from (m32 int32, p int32 = 2^s) to ``codes`` for one rounding."""
-    if rounding == "trunc":
-        return [
-            helper.make_node("Div", ["m32", "p"], ["q"]),
-            helper.make_node("Cast", ["q"], ["codes"], to=TensorProto.INT8),
-        ]
-    if rounding == "nearest":
-        # M_b = min(floor((2|M8| + 2^s) / 2^(s+1)), 2^(b-1) - 1): round half up on the first
-        # dropped bit (s = 0 gives M8 back), then the sign.
-        return [
-            _const("two", np.array(2, np.int32)),
-            _const("one", np.array(1, np.int32)),
-            _const("c128", np.array(128, np.int32)),
-            helper.make_node("Abs", ["m32"], ["a"]),
-            helper.make_node("Sign", ["m32"], ["sg"]),
-            helper.make_node("Mul", ["a", "two"], ["a2"]),
-            helper.make_node("Add", ["a2", "p"], ["num"]),
-            helper.make_node("Mul", ["p", "two"], ["den"]),
-            helper.make_node("Div", ["num", "den"], ["r"]),
-            helper.make_node("Div", ["c128", "p"], ["lim1"]),
-            helper.make_node("Sub", ["lim1", "one"], ["lim"]),
-            helper.make_node("Min", ["r", "lim"], ["mag"]),
-            helper.make_node("Mul", ["mag", "sg"], ["q"]),
-            helper.make_node("Cast", ["q"], ["codes"], to=TensorProto.INT8),
-        ]
-    if rounding == "midpoint":
-        # sign · (2·(|M8| >> s) + 1), zero stays zero; up to ±255 at b = 8, hence int16.
-        return [
-            _const("two", np.array(2, np.int32)),
-            helper.make_node("Div", ["m32", "p"], ["t"]),
-            helper.make_node("Mul", ["t", "two"], ["t2"]),
-            helper.make_node("Sign", ["m32"], ["sg"]),
-            helper.make_node("Add", ["t2", "sg"], ["q"]),
-            helper.make_node("Cast", ["q"], ["codes"], to=TensorProto.INT16),
-        ]
-    raise FormatError(f"no ONNX decode for SEFP rounding {rounding!r}")
+class OnnxOps:
+    """The integer operations of a derivation (otaro.formats.table), emitted as ONNX nodes on
+    int32 tensors. Integer ``Div`` truncates toward zero, which is floor for the non-negative
+    operands derivations use; ``Mod`` (fmod=0) is the floor modulo."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self._n = 0
+
+    def _out(self) -> str:
+        self._n += 1
+        return f"d{self._n}"
+
+    def _node(self, op: str, *inputs: str) -> str:
+        out = self._out()
+        self.nodes.append(helper.make_node(op, list(inputs), [out]))
+        return out
+
+    def c(self, v: int) -> str:
+        out = self._out()
+        self.nodes.append(_const(out, np.array(v, np.int32)))
+        return out
+
+    def add(self, a, b):
+        return self._node("Add", a, b)
+
+    def mul(self, a, b):
+        return self._node("Mul", a, b)
+
+    def floordiv(self, a, b):
+        return self._node("Div", a, b)
+
+    def mod(self, a, b):
+        return self._node("Mod", a, b)
+
+    def minimum(self, a, b):
+        return self._node("Min", a, b)
+
+
+def _decode_nodes(fmt: SEFPFormat) -> list[onnx.NodeProto]:
+    """Nodes from (m32 int32, p int32 = 2^(8-b)) to ``codes``: the format table's derivation on
+    |m|, then the sign (Sign(0) = 0 keeps a stored zero at zero)."""
+    o = OnnxOps()
+    o.nodes += [helper.make_node("Abs", ["m32"], ["a"]), helper.make_node("Sign", ["m32"], ["sg"])]
+    lim = o.add(o.floordiv(o.c(2 ** (TOP_BITS - 1)), "p"), o.c(-1))  # 2^(b-1) - 1 = 128/p - 1
+    mag = fmt.derive(o, "a", "p", lim)
+    o.nodes.append(helper.make_node("Mul", [mag, "sg"], ["q"]))
+    # The widest signed code (midpoint's ±255 at b = 8) needs int16 for DequantizeLinear.
+    to = TensorProto.INT8 if fmt.code_bits(TOP_BITS) <= 8 else TensorProto.INT16
+    o.nodes.append(helper.make_node("Cast", ["q"], ["codes"], to=to))
+    return o.nodes
 
 
 def function_name(fmt: SEFPFormat) -> str:
@@ -99,7 +113,7 @@ def sefp_function(fmt: SEFPFormat) -> onnx.FunctionProto:
         helper.make_node("Gather", ["tab_i", "idx"], ["p"], axis=0),
         helper.make_node("Gather", ["tab_f", "idx"], ["pf"], axis=0),
         helper.make_node("Cast", ["mantissa"], ["m32"], to=TensorProto.INT32),
-        *_decode_nodes(fmt.rounding),
+        *_decode_nodes(fmt),
         helper.make_node("Mul", ["scale8", "pf"], ["scale"]),
         helper.make_node("DequantizeLinear", ["codes", "scale"], ["w"], axis=0, block_size=fmt.group_size),
         helper.make_node("MatMul", ["X", "w"], ["Y"]),
@@ -115,7 +129,7 @@ def sefp_initializers(t: SEFPTensor) -> tuple[np.ndarray, np.ndarray]:
     K = t.in_features
     groups = -(-K // t.fmt.group_size)
     mant = np.ascontiguousarray(t.mantissa[:, :K].T)
-    scale8 = np.ldexp(np.float32(1.0), step_exponent(t.exponent[:, :groups], TOP_BITS, t.fmt)).astype(np.float32)
+    scale8 = step_scale(t.shared[:, :groups], TOP_BITS, t.fmt)
     return mant, np.ascontiguousarray(scale8.T)
 
 
@@ -142,7 +156,11 @@ def sefp_from_initializers(mantissa: np.ndarray, scale8: np.ndarray, fmt: SEFPFo
         raise FormatError(f"SEFP initializers have shapes {mantissa.shape}/{scale8.shape}, expected [K, N]/[{groups}, N]")
     m = np.zeros((N, groups * G), np.int8)
     m[:, :K] = mantissa.T
+    x = fmt.rounding_spec.extra_code_bits
+    if fmt.scale == "fp16":
+        # scale8 = Δ8 · 2^-x with Δ8 an fp16 value: scaling back by 2^x is exact.
+        return SEFPTensor(m, np.ldexp(scale8.T.astype(np.float32), x).astype(np.float16), K, fmt)
     _, e = np.frexp(scale8.T.astype(np.float32))
     # scale8 = 2^(E - 6 - x) exactly, so frexp's exponent is (E - 6 - x) + 1.
-    E = (e.astype(np.int32) - 1) + TOP_BITS - 2 + fmt.rounding_spec.extra_code_bits
+    E = (e.astype(np.int32) - 1) + TOP_BITS - 2 + x
     return SEFPTensor(m, E.astype(np.int8), K, fmt)

@@ -37,7 +37,7 @@ import numpy as np
 
 from otaro.errors import FormatError
 from otaro.formats.intq import IntTensor
-from otaro.formats.sefp import SEFPTensor, derive_codes, step_exponent
+from otaro.formats.sefp import SEFPTensor, derive_codes, step_scale
 from otaro.formats.table import CONTAINERS, TOP_BITS, SEFPFormat
 
 SIGN_PLANE = 0
@@ -243,7 +243,7 @@ def unpack_zero_points(packed: np.ndarray, bits: int, N: int, blocks: int) -> np
 
 def sefp_to_matmulnbits(t: SEFPTensor, bits: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(B, scales float32 [N, blocks], container bits) of an SEFP weight at ``bits``: the signed
-    derived code in the smallest container, scale 2^step_exponent, no zero points. Exact."""
+    derived code in the smallest container, scale = the step at ``bits``, no zero points. Exact."""
     fmt = t.fmt
     c = fmt.container_bits(bits)
     if c is None:
@@ -253,7 +253,7 @@ def sefp_to_matmulnbits(t: SEFPTensor, bits: int) -> tuple[np.ndarray, np.ndarra
         )
     codes = derive_codes(t.mantissa, bits, fmt)
     B = pack_matmulnbits(codes, c, fmt.group_size)
-    scales = np.ldexp(np.float32(1.0), step_exponent(t.exponent, bits, fmt)).astype(np.float32)
+    scales = step_scale(t.shared, bits, fmt)
     return B, scales, c
 
 

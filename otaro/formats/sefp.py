@@ -3,9 +3,11 @@
 Layout (DESIGN.md §3): a weight ``W[out, in]`` is cut into groups of G along ``in``; the last
 group is zero-padded. Per group, ``E = floor(log2 max|w|)`` (int8; ``ZERO_GROUP_EXPONENT`` for
 an all-zero group). The stored 8-bit code is the int8 value ``m8 = sign · M8`` with
-``M8 ∈ [0, 127]``. A derived precision b is an integer code ``c`` and a power-of-two step:
-``w_b = c · 2^(E - b + 2 - x)`` where x is the rounding's ``extra_code_bits`` (1 for midpoint,
-whose codes are odd multiples of half a step). Every product here is exact in fp32.
+``M8 ∈ [0, 127]``. A derived precision b is an integer code ``c`` and a step:
+``w_b = c · Δ8 · 2^(8 - b - x)`` where x is the rounding's ``extra_code_bits`` (1 for midpoint,
+whose codes are odd multiples of half a step) and Δ8 = 2^(E-6) (``sefp``) or an fp16 scale per
+group (``ssfp``, E replaced by ``fp16(max|w|/127)``). Every product here is exact in fp32. The
+derivation of c is the format table's (``fmt.derive``), written once for every backend.
 
 :mod:`otaro.formats.torch_ref` is the bit-exact torch twin; tests hold them together.
 """
@@ -27,16 +29,34 @@ _TOP_MAX = 2 ** (TOP_BITS - 1) - 1  # 127
 
 @dataclass(frozen=True)
 class SEFPTensor:
-    """One encoded linear weight: int8 mantissas [out, in_padded], int8 exponents [out, groups]."""
+    """One encoded linear weight: int8 mantissas [out, in_padded] and the per-group shared value
+    [out, groups]: int8 exponents (``pow2``) or float16 scales (``fp16``, the ssfp rows)."""
 
     mantissa: np.ndarray
-    exponent: np.ndarray
+    shared: np.ndarray
     in_features: int
     fmt: SEFPFormat
 
     @property
     def out_features(self) -> int:
         return self.mantissa.shape[0]
+
+    @property
+    def exponent(self) -> np.ndarray:
+        if self.fmt.scale != "pow2":
+            raise FormatError(f"{self.fmt.name} stores fp16 scales, not exponents")
+        return self.shared
+
+
+class NumpyOps:
+    """The integer operations a derivation (otaro.formats.table) is written against."""
+
+    c = staticmethod(lambda v: np.int32(v))
+    add = staticmethod(np.add)
+    mul = staticmethod(np.multiply)
+    floordiv = staticmethod(np.floor_divide)
+    mod = staticmethod(np.mod)
+    minimum = staticmethod(np.minimum)
 
 
 def check_finite(w: np.ndarray, name: str) -> None:
@@ -59,6 +79,14 @@ def floor_log2(amax: np.ndarray) -> np.ndarray:
     return e.astype(np.int32) - 1
 
 
+def fp16_scale(amax: np.ndarray, name: str = "weight") -> np.ndarray:
+    """ssfp's Δ8 = fp16(max|w| / 127) (0 for a group that is all zero or below fp16's range)."""
+    if np.any(amax / 127 > np.finfo(np.float16).max):
+        raise FormatError(f"tensor {name!r} has weights up to {float(amax.max()):.3g}, beyond fp16 scales")
+    s = (amax.astype(np.float32) / np.float32(127)).astype(np.float16)
+    return s
+
+
 def encode(w: np.ndarray, fmt: SEFPFormat, name: str = "weight") -> SEFPTensor:
     """Quantize a 2-D float weight to the stored 8-bit SEFP code."""
     w = np.asarray(w)
@@ -72,18 +100,25 @@ def encode(w: np.ndarray, fmt: SEFPFormat, name: str = "weight") -> SEFPTensor:
     g = w32.reshape(out, in_p // G, G)
     mag = np.abs(g)
     amax = mag.max(axis=-1)
-    live = amax >= MIN_NORMAL
-    E = np.where(live, floor_log2(np.where(live, amax, 1.0)), ZERO_GROUP_EXPONENT)
-    # |w| / Δ_8 with Δ_8 = 2^(E-6): a power-of-two scaling, exact in fp32, result < 128.
-    scaled = np.ldexp(mag, (TOP_BITS - 2 - E)[..., None].astype(np.int32))
-    M8 = _TOP_ENCODERS[fmt.rounding](scaled)
+    if fmt.scale == "pow2":
+        live = amax >= MIN_NORMAL
+        shared = np.where(live, floor_log2(np.where(live, amax, 1.0)), ZERO_GROUP_EXPONENT)
+        # |w| / Δ_8 with Δ_8 = 2^(E-6): a power-of-two scaling, exact in fp32, result < 128.
+        scaled = np.ldexp(mag, (TOP_BITS - 2 - shared)[..., None].astype(np.int32))
+        shared = shared.astype(np.int8)
+    else:
+        shared = fp16_scale(amax, name)
+        live = shared > 0
+        # fp32 division, correctly rounded in numpy and torch alike (the twins agree).
+        scaled = mag / np.where(live, shared.astype(np.float32), np.float32(1))[..., None]
+    M8 = _TOP_ENCODERS[fmt.rounding_spec.encoder](scaled)
     M8 = np.where(live[..., None], M8, 0).astype(np.int16)
     m8 = np.where(np.signbit(g), -M8, M8).astype(np.int8).reshape(out, in_p)
-    return SEFPTensor(m8, E.astype(np.int8), in_features, fmt)
+    return SEFPTensor(m8, shared, in_features, fmt)
 
 
 def _enc_floor(scaled):
-    return np.floor(scaled)
+    return np.minimum(np.floor(scaled), _TOP_MAX)
 
 
 def _enc_rint(scaled):
@@ -91,53 +126,47 @@ def _enc_rint(scaled):
     return np.minimum(np.rint(scaled), _TOP_MAX)
 
 
-_TOP_ENCODERS = {"trunc": _enc_floor, "nearest": _enc_rint, "midpoint": _enc_floor}
+_TOP_ENCODERS = {"floor": _enc_floor, "rint": _enc_rint}
 
 
-def _derive_trunc(M8, s, bits):
-    return M8 >> s
-
-
-def _derive_nearest(M8, s, bits):
-    if s == 0:
-        return M8
-    return np.minimum((M8 >> s) + ((M8 >> (s - 1)) & 1), 2 ** (bits - 1) - 1)
-
-
-def _derive_midpoint(M8, s, bits):
-    # Odd multiples of half a step: the middle of the truncated cell. A stored zero has lost
-    # its sign, and 0 is the middle of the cell (-Δ8, Δ8), so it stays zero.
-    return np.where(M8 > 0, 2 * (M8 >> s) + 1, 0)
-
-
-_DERIVERS = {"trunc": _derive_trunc, "nearest": _derive_nearest, "midpoint": _derive_midpoint}
+def derive_magnitudes(M8: np.ndarray, bits: int, fmt: SEFPFormat) -> np.ndarray:
+    """b-bit magnitudes from stored magnitudes (int32), by the format table's derivation."""
+    p = np.int32(2 ** (TOP_BITS - bits))
+    return fmt.derive(NumpyOps, M8.astype(np.int32), p, np.int32(2 ** (bits - 1) - 1))
 
 
 def derive_codes(mantissa: np.ndarray, bits: int, fmt: SEFPFormat) -> np.ndarray:
     """Signed integer codes at ``bits`` from the stored int8 mantissas (int16 result)."""
     fmt.check_bits(bits)
-    m = mantissa.astype(np.int16)
-    M8 = np.abs(m)
-    Mb = _DERIVERS[fmt.rounding](M8, TOP_BITS - bits, bits)
-    return np.where(m < 0, -Mb, Mb).astype(np.int16)
+    m = mantissa.astype(np.int32)
+    return (np.sign(m) * derive_magnitudes(np.abs(m), bits, fmt)).astype(np.int16)
+
+
+def step_scale(shared: np.ndarray, bits: int, fmt: SEFPFormat) -> np.ndarray:
+    """float32 step each group's codes at ``bits`` are multiplied by: Δ8 · 2^(8-b-x), exact
+    (a power of two times an int8 exponent's power of two, or times an fp16 value)."""
+    shift = TOP_BITS - bits - fmt.rounding_spec.extra_code_bits
+    if fmt.scale == "pow2":
+        return np.ldexp(np.float32(1.0), shared.astype(np.int32) - (TOP_BITS - 2) + shift).astype(np.float32)
+    return np.ldexp(shared.astype(np.float32), shift).astype(np.float32)
 
 
 def step_exponent(exponent: np.ndarray, bits: int, fmt: SEFPFormat) -> np.ndarray:
-    """log2 of the step each group's codes are multiplied by at ``bits`` (int32)."""
+    """log2 of the step each group's codes are multiplied by at ``bits`` (int32, pow2 only)."""
     return exponent.astype(np.int32) - bits + 2 - fmt.rounding_spec.extra_code_bits
 
 
-def dequantize_codes(codes: np.ndarray, step_exp: np.ndarray, group_size: int, in_features: int) -> np.ndarray:
+def dequantize_codes(codes: np.ndarray, scale: np.ndarray, group_size: int, in_features: int) -> np.ndarray:
     out, in_p = codes.shape
     g = codes.reshape(out, in_p // group_size, group_size).astype(np.float32)
-    w = np.ldexp(g, step_exp[..., None]).reshape(out, in_p)
+    w = (g * scale[..., None]).reshape(out, in_p)
     return np.ascontiguousarray(w[:, :in_features])
 
 
 def decode(t: SEFPTensor, bits: int) -> np.ndarray:
     """Float32 weight at precision ``bits`` derived from the stored 8-bit code."""
     codes = derive_codes(t.mantissa, bits, t.fmt)
-    return dequantize_codes(codes, step_exponent(t.exponent, bits, t.fmt), t.fmt.group_size, t.in_features)
+    return dequantize_codes(codes, step_scale(t.shared, bits, t.fmt), t.fmt.group_size, t.in_features)
 
 
 def quantize(w: np.ndarray, fmt: SEFPFormat, bits: int, name: str = "weight") -> np.ndarray:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Union
+from typing import Callable, Iterable, Union
 
 from otaro.errors import FormatError
 
@@ -121,51 +121,109 @@ def container_for(bits: int) -> int | None:
     return None
 
 
+# ---- Derivations: one definition each, read by every backend ---------------------------------
+# A derivation maps the stored 8-bit magnitude M (0..127) to the b-bit magnitude, given
+# p = 2^(8-b) and lim = 2^(b-1) - 1, using only the integer operations of an ``ops`` object:
+# ``c(int)``, ``add``, ``mul``, ``floordiv`` (operands >= 0), ``mod``, ``minimum``. The numpy
+# codec (otaro.formats.sefp), the torch twin (torch_ref) and the ONNX function builder
+# (onnx_ops, which emits one node per call) each implement ``ops``, so the formula exists once.
+# The sign is restored afterwards as sign(m8) * M_b (sign(0) = 0 keeps a stored zero at zero).
+
+
+def derive_trunc(o, M, p, lim):
+    """Truncation toward zero: drop the low 8-b magnitude bits (the paper's switch)."""
+    return o.floordiv(M, p)
+
+
+def derive_nearest_even(o, M, p, lim):
+    """Round M/p to nearest, ties to even, saturating at lim.
+
+    floor((2M + p - 1 + (floor(M/p) mod 2)) / 2p): below a tie the numerator stays under the
+    next multiple of 2p, above it reaches it, and at a tie (2(M mod p) = p) the odd/even bit of
+    floor(M/p) decides. p = 1 gives M back. Ties round to even so the error of a tie has no
+    systematic direction (v1 rounded half up: +Δ8/4 on average at b = 7)."""
+    two = o.c(2)
+    num = o.add(o.add(o.mul(M, two), p), o.add(o.mod(o.floordiv(M, p), two), o.c(-1)))
+    return o.minimum(o.floordiv(num, o.mul(p, two)), lim)
+
+
+def derive_nearest_up(o, M, p, lim):
+    """Format v1's ``nearest``: round half up on the first dropped bit (biased; kept so that
+    checkpoints and artifacts written before format v2 decode exactly as they were made)."""
+    two = o.c(2)
+    return o.minimum(o.floordiv(o.add(o.mul(M, two), p), o.mul(p, two)), lim)
+
+
+def derive_midpoint(o, M, p, lim):
+    """The middle of the truncated cell, in half steps: 2·floor(M/p) + 1 (odd codes)."""
+    return o.add(o.mul(o.floordiv(M, p), o.c(2)), o.c(1))
+
+
 @dataclass(frozen=True)
 class SEFPRounding:
     """How the stored 8-bit code is made and how a lower precision is derived from it."""
 
     name: str
     description: str
-    # bit-planes read beyond b: nearest reads the bit below the cut; midpoint reads the
+    # bit-planes read beyond b: nearest reads the bits below the cut; midpoint reads the
     # nonzero plane (otaro.formats.pack), because "is M8 > 0?" decides 0 vs ±Δ_b/2 when the
     # top b-1 magnitude bits are all zero and is not visible in the first b planes.
     extra_planes: int
     extra_code_bits: int  # extra bits the signed integer code needs (midpoint: odd multiples of Δ/2)
     exact_nesting: bool  # derived b-bit value == quantizing the float weight directly at b
+    encoder: str  # how |w|/Δ8 becomes the stored magnitude: "rint" (half even) or "floor"
+    derive: Callable = field(repr=False, compare=False)
+    legacy: bool = False  # kept only to read old files; not offered for new models
 
+
+SEFP_ENCODERS = ("rint", "floor")
 
 SEFP_ROUNDINGS: dict[str, SEFPRounding] = {
     r.name: r
     for r in (
         SEFPRounding(
             "trunc",
-            "truncate toward zero at every precision (the paper's mantissa truncation)",
-            extra_planes=0, extra_code_bits=0, exact_nesting=True,
+            "8-bit code rounded to nearest; lower precisions truncate toward zero (the paper's switch)",
+            extra_planes=0, extra_code_bits=0, exact_nesting=False, encoder="rint", derive=derive_trunc,
         ),
         SEFPRounding(
             "nearest",
-            "round-half-even at 8 bits, then round-half-up on the first dropped bit",
-            extra_planes=1, extra_code_bits=0, exact_nesting=False,
+            "8-bit code rounded to nearest; lower precisions round to nearest, ties to even",
+            extra_planes=8, extra_code_bits=0, exact_nesting=False, encoder="rint", derive=derive_nearest_even,
         ),
         SEFPRounding(
             "midpoint",
             "truncated codes, decoded at the middle of their cell ((M+1/2)·Δ; zero stays zero)",
-            extra_planes=1, extra_code_bits=1, exact_nesting=True,
+            extra_planes=1, extra_code_bits=1, exact_nesting=True, encoder="floor", derive=derive_midpoint,
+        ),
+        SEFPRounding(
+            "halfup",
+            "format v1's nearest (round half up on the first dropped bit; biased), for old files",
+            extra_planes=1, extra_code_bits=0, exact_nesting=False, encoder="rint", derive=derive_nearest_up,
+            legacy=True,
         ),
     )
 }
 
+# What a format-v1 file's rounding name means in this table (v1 ``trunc`` truncated its 8-bit
+# code as well, but codes already stored decode the same way; only ``nearest`` changed).
+V1_ROUNDINGS = {"trunc": "trunc", "nearest": "halfup", "midpoint": "midpoint"}
+
+# Per-group shared scale: "pow2" stores an int8 exponent E (Δ8 = 2^(E-6), the paper's SEFP);
+# "fp16" stores an fp16 scale Δ8 = fp16(max|w| / 127) ("ssfp"). Name prefix and bits per group.
+SCALE_KINDS: dict[str, tuple[str, int]] = {"pow2": ("sefp", 8), "fp16": ("ssfp", 16)}
+
 
 @dataclass(frozen=True)
 class SEFPFormat:
-    """Shared-exponent floating point: one int8 exponent per group of G weights along the
-    reduction axis, sign-magnitude mantissas stored at 8 bits, every lower precision derived."""
+    """Shared-scale floating point: one shared scale per group of G weights along the reduction
+    axis (an int8 power-of-two exponent, or an fp16 scale for ``ssfp``), sign-magnitude codes
+    stored at 8 bits, every lower precision derived from them."""
 
     group_size: int = 64
-    rounding: str = "trunc"
+    rounding: str = "nearest"
     top_bits: int = TOP_BITS
-    exponent_bits: int = 8
+    scale: str = "pow2"
     bits: tuple[int, ...] = ALL_BITS
     family: str = field(default="sefp", init=False)
 
@@ -173,12 +231,28 @@ class SEFPFormat:
         check_group_size(self.group_size)
         if self.rounding not in SEFP_ROUNDINGS:
             raise FormatError(f"unknown SEFP rounding {self.rounding!r}: choose one of {sorted(SEFP_ROUNDINGS)}")
+        if self.scale not in SCALE_KINDS:
+            raise FormatError(f"unknown shared-scale kind {self.scale!r}: choose one of {sorted(SCALE_KINDS)}")
         if self.top_bits != TOP_BITS:
-            raise FormatError(f"SEFP v1 stores {TOP_BITS}-bit mantissas (got top_bits={self.top_bits})")
+            raise FormatError(f"SEFP stores {TOP_BITS}-bit mantissas (got top_bits={self.top_bits})")
 
     @property
     def name(self) -> str:
-        return f"sefp-g{self.group_size}-{self.rounding}"
+        return f"{SCALE_KINDS[self.scale][0]}-g{self.group_size}-{self.rounding}"
+
+    @property
+    def exponent_bits(self) -> int:
+        """Bits of the per-group shared value (8 for an exponent, 16 for an fp16 scale)."""
+        return SCALE_KINDS[self.scale][1]
+
+    @property
+    def shared_name(self) -> str:
+        """Name of the per-group tensor in modules and checkpoints."""
+        return "exponent" if self.scale == "pow2" else "scale"
+
+    @property
+    def derive(self) -> Callable:
+        return self.rounding_spec.derive
 
     @property
     def rounding_spec(self) -> SEFPRounding:
@@ -281,7 +355,9 @@ Format = Union[SEFPFormat, IntFormat, FloatFormat]
 
 def _build_table() -> dict[str, Format]:
     rows: list[Format] = [FloatFormat("fp32", 32), FloatFormat("fp16", 16), FloatFormat("bf16", 16)]
-    rows += [SEFPFormat(group_size=g, rounding=r) for r in SEFP_ROUNDINGS for g in GROUP_SIZES]
+    # Legacy roundings exist only to read format-v1 files, which all had power-of-two scales.
+    rows += [SEFPFormat(group_size=g, rounding=r, scale=k) for k in SCALE_KINDS for r in SEFP_ROUNDINGS
+             for g in GROUP_SIZES if k == "pow2" or not SEFP_ROUNDINGS[r].legacy]
     rows += [
         IntFormat(bits=b, group_size=g, symmetric=s) for s in (True, False) for b in ALL_BITS for g in GROUP_SIZES
     ]
@@ -289,7 +365,7 @@ def _build_table() -> dict[str, Format]:
 
 
 FORMATS: dict[str, Format] = _build_table()
-DEFAULT_SEFP = "sefp-g64-trunc"
+DEFAULT_SEFP = "sefp-g64-nearest"
 
 
 def _check_table(table: dict[str, Format]) -> None:
@@ -303,7 +379,7 @@ def _check_table(table: dict[str, Format]) -> None:
                 bpw = row.bits_per_weight(b)
                 # bits per weight times G must be the exact bit count of one stored group
                 assert bpw * row.group_size == row.storage_bits_per_group(b), name
-                assert b < bpw <= b + 0.5, f"{name}: exponent overhead out of range at b={b}"
+                assert b < bpw <= b + 1, f"{name}: shared-scale overhead out of range at b={b}"
                 c = row.container_bits(b)
                 assert row.code_bits(b) >= b and (c is None or c >= row.code_bits(b)), name
                 assert row.planes_read(b) <= row.top_bits, name
@@ -319,7 +395,8 @@ _check_table(FORMATS)
 
 
 _NAME_PATTERNS = (
-    (re.compile(r"sefp-g(\d+)-(\w+)"), lambda m: SEFPFormat(group_size=int(m[1]), rounding=m[2])),
+    (re.compile(r"(sefp|ssfp)-g(\d+)-(\w+)"),
+     lambda m: SEFPFormat(group_size=int(m[2]), rounding=m[3], scale="pow2" if m[1] == "sefp" else "fp16")),
     (re.compile(r"int(\d+)-g(\d+)-(sym|asym)"),
      lambda m: IntFormat(bits=int(m[1]), group_size=int(m[2]), symmetric=m[3] == "sym")),
 )
@@ -345,5 +422,10 @@ def get_format(name: str | Format) -> Format:
         raise FormatError(f"unknown format {name!r}{hint}; `otaro formats` lists them") from None
 
 
+def is_legacy(fmt: Format) -> bool:
+    return isinstance(fmt, SEFPFormat) and fmt.rounding_spec.legacy
+
+
 def quantized_format_names() -> list[str]:
-    return [n for n, f in FORMATS.items() if f.family != "float"]
+    """Formats offered for new models (legacy rows only decode old files)."""
+    return [n for n, f in FORMATS.items() if f.family != "float" and not is_legacy(f)]

@@ -27,8 +27,55 @@ def pad_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.nn.functional.pad(w, (0, pad)) if pad else w
 
 
+class TorchOps:
+    """The integer operations of a derivation (otaro.formats.table) on int32 tensors."""
+
+    c = staticmethod(lambda v: v)  # python ints broadcast
+    add = staticmethod(torch.add)
+    mul = staticmethod(torch.mul)
+    floordiv = staticmethod(lambda a, b: torch.div(a, b, rounding_mode="floor"))
+    mod = staticmethod(torch.remainder)
+    minimum = staticmethod(lambda a, b: torch.clamp(a, max=b) if isinstance(b, int) else torch.minimum(a, b))
+
+
+def sefp_shared(amax: torch.Tensor, fmt: SEFPFormat, name: str = "weight"):
+    """(shared value per group, live mask, Δ8 as float32) from each group's max |w|."""
+    if fmt.scale == "pow2":
+        live = amax >= _MIN_NORMAL
+        _, e = torch.frexp(torch.where(live, amax, torch.ones_like(amax)))
+        E = torch.where(live, e.to(torch.int32) - 1, torch.full_like(e, ZERO_GROUP_EXPONENT, dtype=torch.int32))
+        return E.to(torch.int8), live, None
+    if bool((amax / 127 > torch.finfo(torch.float16).max).any()):
+        raise FormatError(f"tensor {name!r} has weights up to {float(amax.max()):.3g}, beyond fp16 scales")
+    s = (amax.to(torch.float32) / 127).to(torch.float16)
+    live = s > 0
+    return s, live, torch.where(live, s.to(torch.float32), torch.ones_like(amax))
+
+
+def sefp_scaled(mag: torch.Tensor, shared: torch.Tensor, fmt: SEFPFormat) -> torch.Tensor:
+    """|w| / Δ8 per weight ([out, groups, G] magnitudes, [out, groups] shared values)."""
+    if fmt.scale == "fp16":
+        live = shared > 0
+        d = torch.where(live, shared.to(torch.float32), torch.ones_like(shared, dtype=torch.float32))
+        return mag / d.unsqueeze(-1)
+    # |w| / Δ_8 = |w| · 2^(6-E). torch.ldexp multiplies by pow(2, e) computed in fp32, which
+    # overflows to inf for e >= 128 (groups with E <= -122); split the shift in two halves
+    # (each |half| <= 66, a normal power of two). Both products are exact where it matters:
+    # the first only rescales, and any rounding of tiny values stays far below one Δ_8 step.
+    shift = (TOP_BITS - 2 - shared.to(torch.int32)).unsqueeze(-1)
+    half = torch.div(shift, 2, rounding_mode="floor")
+    return torch.ldexp(torch.ldexp(mag, half.to(torch.float32)), (shift - half).to(torch.float32))
+
+
+_ENCODERS = {
+    "rint": lambda x: torch.clamp(torch.round(x), max=_TOP_MAX),  # round-half-even, like np.rint
+    "floor": lambda x: torch.clamp(torch.floor(x), max=_TOP_MAX),
+}
+
+
 def sefp_encode(w: torch.Tensor, fmt: SEFPFormat, name: str = "weight", check: bool = True):
-    """(mantissa int8 [out, in_p], exponent int8 [out, groups]) of a 2-D weight."""
+    """(mantissa int8 [out, in_p], shared [out, groups]) of a 2-D weight; shared is the int8
+    exponent (sefp) or the fp16 scale (ssfp)."""
     if w.dim() != 2:
         raise FormatError(f"tensor {name!r} must be 2-D [out, in] to encode, got shape {tuple(w.shape)}")
     if check:
@@ -38,49 +85,48 @@ def sefp_encode(w: torch.Tensor, fmt: SEFPFormat, name: str = "weight", check: b
     out, in_p = w32.shape
     g = w32.reshape(out, in_p // G, G)
     mag = g.abs()
-    amax = mag.amax(dim=-1)
-    live = amax >= _MIN_NORMAL
-    _, e = torch.frexp(torch.where(live, amax, torch.ones_like(amax)))
-    E = torch.where(live, e.to(torch.int32) - 1, torch.full_like(e, ZERO_GROUP_EXPONENT, dtype=torch.int32))
-    # |w| / Δ_8 = |w| · 2^(6-E). torch.ldexp multiplies by pow(2, e) computed in fp32, which
-    # overflows to inf for e >= 128 (groups with E <= -122); split the shift in two halves
-    # (each |half| <= 66, a normal power of two). Both products are exact where it matters:
-    # the first only rescales, and any rounding of tiny values stays far below one Δ_8 step.
-    shift = (TOP_BITS - 2 - E).unsqueeze(-1)
-    half = torch.div(shift, 2, rounding_mode="floor")
-    scaled = torch.ldexp(torch.ldexp(mag, half.to(torch.float32)), (shift - half).to(torch.float32))
-    if fmt.rounding == "nearest":
-        M8 = torch.clamp(torch.round(scaled), max=_TOP_MAX)  # round-half-even, like np.rint
-    else:
-        M8 = torch.floor(scaled)
+    shared, live, _ = sefp_shared(mag.amax(dim=-1), fmt, name)
+    return sefp_encode_with(w32, shared, fmt, live), shared
+
+
+def sefp_encode_with(w_padded: torch.Tensor, shared: torch.Tensor, fmt: SEFPFormat, live=None) -> torch.Tensor:
+    """The stored int8 codes of a padded weight under given per-group shared values (a scale
+    search picks them; weights beyond 127·Δ8 saturate)."""
+    out, in_p = w_padded.shape
+    G = fmt.group_size
+    g = w_padded.reshape(out, in_p // G, G)
+    if live is None:
+        live = shared > 0 if fmt.scale == "fp16" else shared.to(torch.int32) != ZERO_GROUP_EXPONENT
+    M8 = _ENCODERS[fmt.rounding_spec.encoder](sefp_scaled(g.abs(), shared, fmt))
     M8 = torch.where(live.unsqueeze(-1), M8, torch.zeros_like(M8)).to(torch.int16)
-    m8 = torch.where(torch.signbit(g), -M8, M8).to(torch.int8).reshape(out, in_p)
-    return m8, E.to(torch.int8)
+    return torch.where(torch.signbit(g), -M8, M8).to(torch.int8).reshape(out, in_p)
 
 
 def sefp_derive_codes(mantissa: torch.Tensor, bits: int, fmt: SEFPFormat) -> torch.Tensor:
     fmt.check_bits(bits)
-    s = TOP_BITS - bits
-    m = mantissa.to(torch.int16)
-    M8 = m.abs()
-    if fmt.rounding == "trunc":
-        Mb = M8 >> s
-    elif fmt.rounding == "nearest":
-        Mb = M8 if s == 0 else torch.clamp((M8 >> s) + ((M8 >> (s - 1)) & 1), max=2 ** (bits - 1) - 1)
-    else:  # midpoint: odd multiples of half a step; a stored zero stays zero
-        Mb = torch.where(M8 > 0, 2 * (M8 >> s) + 1, torch.zeros_like(M8))
-    return torch.where(m < 0, -Mb, Mb)
+    m = mantissa.to(torch.int32)
+    p = 2 ** (TOP_BITS - bits)
+    Mb = fmt.derive(TorchOps, m.abs(), p, 2 ** (bits - 1) - 1)
+    return (torch.sign(m) * Mb).to(torch.int16)
+
+
+def sefp_step(shared: torch.Tensor, bits: int, fmt: SEFPFormat) -> torch.Tensor:
+    """float32 step per group at ``bits``: Δ8 · 2^(8-b-x) (exact)."""
+    shift = TOP_BITS - bits - fmt.rounding_spec.extra_code_bits
+    if fmt.scale == "pow2":
+        e = shared.to(torch.int32) - (TOP_BITS - 2) + shift
+        return torch.ldexp(torch.ones_like(e, dtype=torch.float32), e.to(torch.float32))
+    return shared.to(torch.float32) * float(2.0**shift)
 
 
 def sefp_dequantize(
-    mantissa: torch.Tensor, exponent: torch.Tensor, bits: int, fmt: SEFPFormat, in_features: int,
+    mantissa: torch.Tensor, shared: torch.Tensor, bits: int, fmt: SEFPFormat, in_features: int,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     codes = sefp_derive_codes(mantissa, bits, fmt)
-    step = exponent.to(torch.int32) - bits + 2 - fmt.rounding_spec.extra_code_bits
     out, in_p = codes.shape
     G = fmt.group_size
-    g = torch.ldexp(codes.reshape(out, in_p // G, G).to(torch.float32), step.unsqueeze(-1).to(torch.float32))
+    g = codes.reshape(out, in_p // G, G).to(torch.float32) * sefp_step(shared, bits, fmt).unsqueeze(-1)
     return g.reshape(out, in_p)[:, :in_features].to(dtype)
 
 

@@ -19,6 +19,9 @@ class Method:
     needs_calibration: bool
     # run(model, fmt, config, calibration_batches, progress) -> model converted in place
     run: Callable
+    # Whether the method optimises for target bit-widths (--bits with weights λ_b): multi-bit
+    # SEFP selection does, with or without calibration data.
+    target_bits: bool = False
 
 
 METHODS: dict[str, Method] = {}
@@ -38,4 +41,4 @@ def get_method(name: str) -> Method:
         raise OtaroError(f"unknown method {name!r}; available: {', '.join(METHODS)}") from None
 
 
-from otaro.methods import rtn  # noqa: E402,F401  (registers)
+from otaro.methods import gptq, int_quantizer, rtn, sefp_quantizer  # noqa: E402,F401  (registers)
