@@ -158,6 +158,14 @@ class Master:
                 end = int(ext.get("offset", 0)) + int(ext.get("length", -1))
                 if ext.get("location") != self.data_name or end > self.data.size or "length" not in ext:
                     raise ArtifactError(f"tensor {t.name} points outside {self.data_name} (corrupt or foreign model)")
+        stored = {f"{n}.{k}" for n in manifest["layers"] for k in ("mantissa", "scale8")}
+        # Float weights big enough to be external (small ones stay inline in the graph).
+        self.shared = {n: self._array(t) for n, t in inits.items()
+                       if t.data_location == TensorProto.EXTERNAL and n not in stored}
+        # Before the node indices below are taken: removing the tied head's Transpose shifts
+        # every later node (an IndexError on graphs where it comes before the layers, as
+        # Gemma-style exports have it).
+        self._share_transposed_heads(inits)
         nodes = {n.input[1]: i for i, n in enumerate(self.proto.graph.node)
                  if n.domain == self.domain and n.op_type == self.function}
         self.layers: dict[str, StoredLayer] = {}
@@ -167,11 +175,6 @@ class Master:
                 raise ArtifactError(f"the model has no {self.function} node for layer {name} "
                                     f"(corrupt or foreign model)")
             self.layers[name] = StoredLayer(name, nodes[m_name], self._array(inits[m_name]), self._array(inits[s_name]))
-        stored = {f"{n}.{k}" for n in self.layers for k in ("mantissa", "scale8")}
-        # Float weights big enough to be external (small ones stay inline in the graph).
-        self.shared = {n: self._array(t) for n, t in inits.items()
-                       if t.data_location == TensorProto.EXTERNAL and n not in stored}
-        self._share_transposed_heads(inits)
 
     def _share_transposed_heads(self, inits: dict[str, TensorProto]) -> None:
         """A tied head is stored once, as ``Transpose(embedding)`` (see export/rewrite.py).

@@ -181,3 +181,33 @@ def test_bad_targets_are_refused_before_any_output(tmp_path, hf_model, args, mes
     res = CliRunner().invoke(cli, ["quantize", str(hf_model), "-o", str(tmp_path / "x"), *args])
     assert res.exit_code != 0 and message in res.output, res.output
     assert "Traceback" not in res.output and not (tmp_path / "x").exists()
+
+
+def test_quantize_gptq_on_sefp_end_to_end(tmp_path, hf_model):
+    """`otaro quantize --method gptq` on an ssfp row: one checkpoint, targets recorded, and
+    lower calibration loss than RTN at the most weighted target."""
+    from otaro import checkpoint
+    from otaro.arch.tiny import tiny_tokenizer
+    from otaro.methods.calib import calibration_windows
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 97} and more text {i}" for i in range(4000)))
+    res = invoke("quantize", hf_model, "-o", tmp_path / "g", "--method", "gptq", "--format", "ssfp-g32-nearest",
+                 "--calib", text, "--calib-samples", 8, "--calib-len", 64, "--bits", "3:4,8:1")
+    assert res.exit_code == 0, res.output
+    assert invoke("quantize", hf_model, "-o", tmp_path / "r", "--format", "ssfp-g32-nearest").exit_code == 0
+    g, r = checkpoint.load(tmp_path / "g"), checkpoint.load(tmp_path / "r")
+    assert json.loads((tmp_path / "g" / "otaro.json").read_text())["method"]["config"]["bits"] == [[3, 4.0], [8, 1.0]]
+    windows = calibration_windows(tiny_tokenizer(), [str(text)], 8, 64)
+    from otaro.evaluation.metrics import fidelity
+    from otaro.sources import load_hf_folder
+
+    with torch.no_grad():
+        ref = torch.log_softmax(load_hf_folder(hf_model, torch.float32)(windows).logits, -1)
+        kld = {}
+        for name, m in (("gptq", g), ("rtn", r)):
+            m.set_precision(3)
+            kld[name] = float(fidelity(ref, m(windows).logits)[0].mean())
+    # KL to the float model on the calibration text at the most weighted target (b = 3):
+    # measured 0.34 against RTN's 0.38 (ratio 0.89) on this random tiny model
+    assert kld["gptq"] < 0.95 * kld["rtn"], kld

@@ -293,3 +293,32 @@ def test_select_backend_is_a_pure_choice():
         select_backend("tpu", ["CPUExecutionProvider"])
     with pytest.raises(OtaroError, match="accuracy level 7"):
         select_backend("cpu", ["CPUExecutionProvider"], accuracy_level=7)
+
+
+def test_tied_head_transpose_before_the_layers_loads_and_runs(artifacts, runtimes, tmp_path):
+    """Regression: the runtime removes the tied head's Transpose; with that node *before* the
+    SEFP layers (Gemma-style graphs) the recorded node indices shifted and build_model raised
+    IndexError. Same logits whichever position the node has."""
+    import hashlib
+
+    import onnx
+
+    art = _copy(artifacts("llama")[0], tmp_path)
+    proto = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    nodes = list(proto.graph.node)
+    inits = {t.name for t in proto.graph.initializer}
+    heads = [i for i, n in enumerate(nodes) if n.op_type == "Transpose" and n.input[0] in inits]
+    assert heads, "the tiny llama export has a tied-head Transpose"
+    moved = [nodes[heads[-1]]] + [n for i, n in enumerate(nodes) if i != heads[-1]]
+    del proto.graph.node[:]
+    proto.graph.node.extend(moved)
+    (art / "model.onnx").write_bytes(proto.SerializeToString())
+    m = json.loads((art / "otaro_artifact.json").read_text())
+    data = (art / "model.onnx").read_bytes()
+    for files in (m["model"]["files"], m["files"]):
+        if "model.onnx" in files:
+            files["model.onnx"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (art / "otaro_artifact.json").write_text(json.dumps(m))
+    rt = Runtime.load(art, accuracy_level=1)
+    for b in (8, 3):
+        np.testing.assert_allclose(rt.logits(PROMPT, bits=b), runtimes("llama").logits(PROMPT, bits=b), atol=ATOL)

@@ -207,7 +207,11 @@ class SEFPColumnQuantizer:
         self._lam = torch.from_numpy(lam)
         self._idx = idx
         self._V = V
-        self._mix = self._lam[idx] / self._lam[idx].sum()
+        self._mix = (self._lam[idx] / self._lam[idx].sum()).to(torch.float32)
+        self._lam32, self._V32 = self._lam.to(torch.float32), V.to(torch.float32)
+        self._q32 = (V * V) @ self._lam  # Σ λ_b v_b(c)² per candidate
+        self._q32 = self._q32.to(torch.float32)
+        self._codes = torch.from_numpy(CODES.copy())
 
     def expand(self, W: torch.Tensor) -> torch.Tensor:
         """The solver's input: one copy of W per target bit-width, stacked along rows."""
@@ -247,18 +251,20 @@ class SEFPColumnQuantizer:
         g = j // self.group_size
         live = self._live[:, g]
         d8 = torch.where(live, self._d8[:, g], torch.ones_like(self._d8[:, g]))
-        U = (w.reshape(self.streams, self.out) / d8).to(torch.float64)  # [S, out], Δ8 units
-        lam, V = self._lam.to(w.device), self._V.to(w.device)
+        # float32 scoring: |u| <= ~130 and 7 terms, so the score keeps ~1e-4 absolute accuracy,
+        # far below the gap between distinct candidates that matter; 2-3x faster than float64.
+        U = w.reshape(self.streams, self.out) / d8  # [S, out], Δ8 units
+        lam, V, VV = self._lam32.to(w.device), self._V32.to(w.device), self._q32.to(w.device)
         # Targets see their own stream; the other bit-widths the λ-mean of the streams.
         mean = (U * self._mix.to(U).unsqueeze(1)).sum(0)
         Ufull = mean.unsqueeze(0).expand(len(self.fmt.bits), -1).clone()
         Ufull[self._idx] = U
         # Σ_b λ_b (u_b - v_b(c))² up to a constant: -2 Σ λ_b u_b v_b(c) + Σ λ_b v_b(c)²
-        score = -2 * (Ufull.T * lam) @ V.T + (V * V) @ lam  # [out, 255]
+        score = torch.addmm(VV, Ufull.T * lam, V.T, alpha=-2)  # [out, 255]
         best = score.argmin(1)
-        codes = torch.where(live, torch.from_numpy(CODES).to(w.device)[best], torch.zeros_like(best, dtype=torch.int8))
+        codes = torch.where(live, self._codes.to(w.device)[best], torch.zeros_like(best, dtype=torch.int8))
         self.mantissa[:, j] = codes
-        vals = V[best][:, self._idx].T.to(torch.float32) * d8  # [S, out]: each stream's value
+        vals = V[best][:, self._idx].T * d8  # [S, out]: each stream's value
         return torch.where(live, vals, torch.zeros_like(vals)).reshape(-1)
 
     def build(self, linear: torch.nn.Linear) -> torch.nn.Module:
