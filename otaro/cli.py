@@ -229,10 +229,12 @@ def inspect(path, as_json):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run saved in OUTPUT.run/ (same config required).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output / run folder.")
+@click.option("--ignore-memory-check", is_flag=True,
+              help="Train even if the up-front estimate of peak memory exceeds the memory available.")
 def finetune(model, data, output, bits, fmt, path_name, fixed_bits, segment_len, explore, ucb_c, epsilon, score, laa,
              laa_threshold, laa_k, steps, seq_len, batch_size, lr, schedule, warmup_steps, grad_clip, weight_decay,
              distill, mixed_precision, gradient_checkpointing, heldout_fraction, eval_every, save_every, seed, resume,
-             overwrite):
+             overwrite, ignore_memory_check):
     """Fine-tune MODEL once so that one SEFP checkpoint is good at every bit-width in --bits.
 
     Each step runs the model at the bit-width the path picks (BPS: a score per bit-width plus
@@ -251,7 +253,7 @@ def finetune(model, data, output, bits, fmt, path_name, fixed_bits, segment_len,
         schedule=schedule, warmup_steps=warmup_steps, grad_clip=grad_clip, weight_decay=weight_decay, distill=distill,
         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
         heldout_fraction=heldout_fraction, eval_every=eval_every, save_every=save_every, seed=seed, resume=resume,
-        overwrite=overwrite,
+        overwrite=overwrite, ignore_memory_check=ignore_memory_check,
     )
     path = run(cfg)
     if path is not None:

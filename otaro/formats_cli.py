@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from otaro.formats import FORMATS, SEFP_ROUNDINGS, format_bits
+from otaro.formats.table import is_legacy
 
 
 def format_rows(family: str | None = None) -> list[dict]:
     rows = []
     for fmt in FORMATS.values():
-        if family and fmt.family != family:
+        # legacy rows only decode old files; `otaro formats` lists what a new model can use
+        if (family and fmt.family != family) or is_legacy(fmt):
             continue
         row = {"name": fmt.name, "family": fmt.family}
         if fmt.family == "sefp":
             row.update(
-                bits=format_bits(fmt.bits), group_size=fmt.group_size, detail=fmt.rounding,
+                bits=format_bits(fmt.bits), group_size=fmt.group_size, detail=fmt.rounding, scale=fmt.scale,
                 bits_per_weight={b: fmt.bits_per_weight(b) for b in fmt.bits},
                 containers={b: fmt.container_bits(b) for b in fmt.bits},
                 planes_read={b: fmt.planes_read(b) for b in fmt.bits},
@@ -45,7 +47,8 @@ def print_formats(rows: list[dict]) -> None:
         if r["family"] == "sefp":
             bpw_s = f"b + {bpw[2] - 2:g}"
             cont = ",".join(str(c or "fp") for c in r["containers"].values())
-            planes = "b" if all(p == b for b, p in r["planes_read"].items()) else "b+1"
+            extra = {p - b for b, p in r["planes_read"].items() if b < 8}
+            planes = "8" if all(p == 8 for p in r["planes_read"].values()) else "b" if extra == {0} else "b+1"
         else:
             bpw_s = " ".join(f"{v:g}" for v in bpw.values())
             cont = " ".join(str(c) for c in r["containers"].values() if c)
@@ -54,7 +57,9 @@ def print_formats(rows: list[dict]) -> None:
     console = Console()
     console.print(t)
     if any(r["family"] == "sefp" for r in rows):
-        console.print("SEFP roundings: " + "; ".join(f"[bold]{n}[/bold]: {r.description}" for n, r in SEFP_ROUNDINGS.items()))
-    console.print("bits/weight counts the per-group exponent (SEFP, 8 bits) or fp16 scale and packed zero point (int). "
+        console.print("SEFP roundings: " + "; ".join(f"[bold]{n}[/bold]: {r.description}" for n, r in SEFP_ROUNDINGS.items()
+                                                     if not r.legacy))
+        console.print("sefp-*: power-of-two group exponent (8 bits per group); ssfp-*: fp16 group scale (16 bits).")
+    console.print("bits/weight counts the per-group exponent (sefp, 8 bits) or fp16 scale (ssfp and int) and packed zero point (int). "
                   "containers: the onnxruntime MatMulNBits width each precision runs in exactly (fp = dequantized float). "
                   "planes: bit-planes a kernel reads at precision b.")

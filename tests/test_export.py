@@ -28,15 +28,16 @@ from otaro.modules import convert
 from otaro.runtime.artifact import MANIFEST, read_manifest, verify_files
 from otaro.runtime.decoder import Decoder
 
-# Each architecture exercises one decode body of the SEFP function.
-ROUNDING = {"llama": "trunc", "qwen2": "nearest", "mistral": "midpoint", "gemma": "trunc", "phi3": "nearest",
-            "gpt_neox": "midpoint"}
+# Each architecture exercises one decode body of the SEFP function, with power-of-two (sefp) or
+# fp16 (ssfp) group scales.
+ROUNDING = {"llama": "sefp-g16-trunc", "qwen2": "sefp-g16-nearest", "mistral": "sefp-g16-midpoint",
+            "gemma": "ssfp-g16-trunc", "phi3": "ssfp-g16-nearest", "gpt_neox": "ssfp-g16-midpoint"}
 PROMPT = list(range(3, 19))
 NEW = 6
 
 
 def _checkpoints(root, arch):
-    sefp = convert(tiny_model(arch, init_std=0.15), f"sefp-g16-{ROUNDING[arch]}")
+    sefp = convert(tiny_model(arch, init_std=0.15), ROUNDING[arch])
     checkpoint.save(sefp, root / "sefp", tokenizer=tiny_tokenizer())
     q = convert(tiny_model(arch, init_std=0.15), "int4-g16-asym")
     checkpoint.save(q, root / "int4", tokenizer=tiny_tokenizer())

@@ -45,7 +45,9 @@ from otaro.modules import SEFPLinear, convert
 # {3, 4} many codes share their 3- and 4-bit values and b = 8 would otherwise be arbitrary).
 UNTARGETED_WEIGHT = 1e-4
 CODES = np.arange(-(2 ** (TOP_BITS - 1) - 1), 2 ** (TOP_BITS - 1), dtype=np.int8)  # -127..127
-FP16_CLIP_GRID = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76)
+# α of Δ8 = α·max|w|/127: above 1 trades b = 8 range for less saturation at low b (the top
+# b-bit level is (2^(b-1)-1)·2^(8-b) codes, below 127), below 1 clips outliers.
+FP16_CLIP_GRID = (1.0, 1.08, 1.04, 0.96, 0.92, 0.88, 0.84, 0.80)
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,8 @@ def scale_candidates(Wg: torch.Tensor, fmt: SEFPFormat, search: bool) -> list[to
         finer = torch.where(live, shared.to(torch.int32) - 1, shared.to(torch.int32)).to(torch.int8)
         return [shared, finer]
     amax = Wg.abs().amax(-1).to(torch.float32)
-    return [(amax * a / 127).to(torch.float16) if a != 1.0 else shared for a in FP16_CLIP_GRID]
+    top = torch.finfo(torch.float16).max  # α > 1 must not overflow a scale that fits at α = 1
+    return [(amax * a / 127).clamp(max=top).to(torch.float16) if a != 1.0 else shared for a in FP16_CLIP_GRID]
 
 
 def choose_codes(Wg: torch.Tensor, fmt: SEFPFormat, env: Envelope, search: bool):

@@ -15,7 +15,7 @@ FINETUNE_CONFIG_VERSION = 1
 SCHEDULES = ("cosine", "linear", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 # Fields a resumed run may change without invalidating the state (they do not alter the math).
-RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "eval_every", "show_progress"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "eval_every", "show_progress", "ignore_memory_check"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class FinetuneConfig:
     save_every: int = 50
     resume: bool = False
     overwrite: bool = False
+    ignore_memory_check: bool = False  # train even when the up-front memory estimate exceeds what is free
     version: int = FINETUNE_CONFIG_VERSION
 
     def __post_init__(self):

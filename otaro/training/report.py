@@ -47,11 +47,13 @@ def plot_training(log: list[dict], path: Path, title: str = "") -> Path:
     evals = [r for r in log if "eval" in r]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6.5), dpi=110, sharex=True,
                                    gridspec_kw={"height_ratios": [1, 2]})
-    colors = {"step": "tab:blue", "accumulate": "tab:orange", "flush": "tab:red"}
-    for kind, color in colors.items():
+    # every step is one optimizer update: "step" uses its own gradient, "laa" the running mean of
+    # the recent low-bit gradients
+    kinds = {"step": ("tab:blue", "own gradient"), "laa": ("tab:orange", "LAA low-bit mean")}
+    for kind, (color, label) in kinds.items():
         pts = [r for r in steps if r.get("update") == kind]
         if pts:
-            ax1.scatter([r["step"] for r in pts], [r["bits"] for r in pts], s=6, color=color, label=kind)
+            ax1.scatter([r["step"] for r in pts], [r["bits"] for r in pts], s=6, color=color, label=label)
     ax1.set_ylabel("bit-width")
     ax1.set_title(title or "bit-width path")
     ax1.legend(fontsize=7, loc="upper right", ncol=3)

@@ -2,9 +2,10 @@
 
 ``<run>/state/`` holds: ``model.safetensors`` (master weights), ``optimizer.safetensors`` +
 ``trainer.json`` (optimizer tensors and everything JSON-able: step, scalar optimizer state,
-param groups, LR schedule, path scheduler, LAA, data order, RNG), and, when low-bit gradients
-are pending in the LAA accumulator, ``grads-rank<r>.safetensors`` (each rank accumulates its own
-gradients without sync, so each rank saves its own). The folder is replaced as a whole, so a kill
+param groups, LR schedule, path scheduler, LAA, data order, RNG), and, when the LAA window holds
+low-bit gradients, ``grads-rank<r>.safetensors``: the running mean in ``p.grad`` that the next
+low-bit step builds on (one file per rank; after synchronised backwards they are equal, but a
+rank restores only its own). The folder is replaced as a whole, so a kill
 during a save leaves the previous state intact.
 """
 
@@ -20,7 +21,9 @@ import torch
 from otaro.errors import OtaroError
 from otaro.io import atomic_dir, write_json
 
-STATE_VERSION = 1
+# 2: LAA keeps a running *mean* of low-bit gradients in p.grad and updates every step; a
+# version-1 state holds an un-applied *sum* from the old delayed-update rule, so it is refused.
+STATE_VERSION = 2
 
 
 def _flatten_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

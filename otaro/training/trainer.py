@@ -2,15 +2,18 @@
 
 Each step: the path (BPS or an ablation) picks a bit-width b; every quantized layer runs the
 master weights through ``Q(w, b)`` (the deployment derivation, straight-through backward); the
-LAA plan decides whether the gradient updates now, or accumulates with other low-bit steps into
-one delayed update. The same code runs on one CPU, one GPU, or several processes through
-accelerate (DDP): every rank takes the same path because the loss fed to the path is reduced
-across ranks first and every rank seeds the path identically.
+loss is computed chunk by chunk over positions (``otaro.training.loss``: the batch's
+full-vocabulary logits never exist); the LAA plan says whether the update uses this gradient
+alone (high bit-width) or the running mean of the recent low-bit gradients; and the optimizer
+steps once -- every step, so N steps are N updates. Before any data is read, the peak memory of
+a step is estimated and a run that cannot fit is refused (``otaro.training.memory``). The same
+code runs on one CPU, one GPU, or several processes through accelerate (DDP): every rank takes
+the same path because the loss fed to the path is reduced across ranks first and every rank
+seeds the path identically.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -19,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 from otaro.errors import OtaroError
 from otaro.training.config import FinetuneConfig
@@ -31,8 +33,8 @@ def run_dir_for(output: str | Path) -> Path:
 
 
 def lr_lambda(cfg: FinetuneConfig):
-    """Multiplier of the base LR at a path step (the schedule follows path steps, not optimizer
-    updates, so LAA's delayed updates do not stretch it)."""
+    """Multiplier of the base LR at a path step (one optimizer update per step, so path steps and
+    updates are the same count)."""
 
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -66,11 +68,33 @@ class _Run:
     tokenizer: object
     step: int = 0
     optimizer_updates: int = 0
+    memory_estimate: object | None = None  # otaro.training.memory.MemoryEstimate (None if it could not be made)
 
 
 def _check_device(cfg: FinetuneConfig) -> None:
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise OtaroError("fp16 mixed precision needs a GPU; use --mixed-precision bf16 (or no) on CPU")
+
+
+def _check_memory(cfg: FinetuneConfig, model, accelerator):
+    """Estimate a step's peak per process and refuse a run that cannot fit (before any data is
+    read, the teacher is copied or a step runs); returns the estimate."""
+    from otaro.training.memory import check_memory, estimate_memory, local_process_count
+
+    try:
+        est = estimate_memory(model, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                              num_processes=accelerator.num_processes, distill=cfg.distill > 0,
+                              gradient_checkpointing=cfg.gradient_checkpointing, mixed_precision=cfg.mixed_precision)
+    except OtaroError:
+        if cfg.ignore_memory_check:  # an unusual config the estimate cannot read: the user opted out
+            return None
+        raise
+    if not cfg.ignore_memory_check:
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        check_memory(est, accelerator.device, resident=est.weights if on_cpu else 0,
+                     local_processes=local_process_count(accelerator.num_processes),
+                     gradient_checkpointing=cfg.gradient_checkpointing)
+    return est
 
 
 def _prepare(cfg: FinetuneConfig, show_progress: bool) -> _Run:
@@ -82,6 +106,7 @@ def _prepare(cfg: FinetuneConfig, show_progress: bool) -> _Run:
     from otaro.training.bps import make_path
     from otaro.training.data import BatchOrder, build_splits
     from otaro.training.laa import LAA, LAAConfig
+    from otaro.training.loss import LossModel
 
     _check_device(cfg)
     # cpu=True on a machine without CUDA: otherwise accelerate does not start gloo under
@@ -102,6 +127,7 @@ def _prepare(cfg: FinetuneConfig, show_progress: bool) -> _Run:
     if src.tokenizer is None:
         raise OtaroError(f"{cfg.model} has no tokenizer; fine-tuning needs one to read the data")
     model = src.model
+    memory_estimate = _check_memory(cfg, model, accelerator)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     splits = build_splits(src.tokenizer, cfg.data, cfg.seq_len, cfg.heldout_fraction, cfg.seed, max_pos)
     torch.manual_seed(cfg.seed)
@@ -114,7 +140,8 @@ def _prepare(cfg: FinetuneConfig, show_progress: bool) -> _Run:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    prepared, optimizer = accelerator.prepare(model, optimizer)
+    prepared, optimizer = accelerator.prepare(LossModel(model, teacher, cfg.distill, cfg.distill_temperature),
+                                              optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                                                   lr_lambda(cfg))
     knobs = dict(segment_len=cfg.segment_len, explore=cfg.explore, ucb_c=cfg.ucb_c, epsilon=cfg.epsilon,
@@ -123,92 +150,81 @@ def _prepare(cfg: FinetuneConfig, show_progress: bool) -> _Run:
     laa = LAA(LAAConfig(enabled=cfg.laa, threshold=cfg.laa_threshold, k=cfg.laa_k, reduce=cfg.laa_reduce,
                         scale=cfg.laa_scale))
     order = BatchOrder(len(splits.train.input_ids), cfg.batch_size, cfg.seed, world=accelerator.num_processes)
-    return _Run(cfg, accelerator, prepared, accelerator.unwrap_model(prepared), teacher, optimizer, scheduler, path,
-                laa, order, splits.train, splits.heldout, src.tokenizer)
+    return _Run(cfg, accelerator, prepared, accelerator.unwrap_model(prepared).lm, teacher, optimizer, scheduler, path,
+                laa, order, splits.train, splits.heldout, src.tokenizer, memory_estimate=memory_estimate)
 
 
-def _loss(run: _Run, input_ids, labels):
-    out = run.model(input_ids=input_ids, labels=labels)
-    loss = out.loss
-    if run.teacher is not None:
-        with torch.no_grad():
-            t_logits = run.teacher(input_ids=input_ids).logits
-        T = run.cfg.distill_temperature
-        mask = labels != -100
-        s = F.log_softmax(out.logits[mask].float() / T, -1)
-        t = F.log_softmax(t_logits[mask].float() / T, -1)
-        loss = loss + run.cfg.distill * F.kl_div(s, t, log_target=True, reduction="batchmean") * T * T
-    return loss
+def _loss_scale(run: _Run) -> float:
+    """fp16's GradScaler factor (1 otherwise): the backward adds *scaled* gradients to p.grad."""
+    scaler = getattr(run.accelerator, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None else 1.0
 
 
-def _sync_accumulated_grads(run: _Run) -> None:
-    """Low-bit steps ran under ``no_sync``: average their accumulated gradients across ranks once,
-    at the delayed update (one all-reduce per flush instead of one per step)."""
-    if run.accelerator.num_processes == 1:
-        return
-    for p in run.raw.parameters():
-        if p.grad is not None:
-            p.grad.copy_(run.accelerator.reduce(p.grad, reduction="mean"))
+def _optimizer_step(run: _Run, plan) -> None:
+    """One optimizer step on what ``p.grad`` holds after the backward (see ``otaro.training.laa``):
+    a low-bit plan's running mean is scaled for the update, then restored, because it is the
+    accumulator the next low-bit step builds on; anything else is dropped."""
+    from otaro.training.laa import scale_grads
 
-
-def _optimizer_step(run: _Run) -> None:
+    params = list(run.raw.parameters())
+    scale_grads(params, plan.grad_factor)  # (n-1) A + g  ->  grad_scale * A_n
+    coef = 1.0
     if run.cfg.grad_clip > 0:
-        run.accelerator.clip_grad_norm_(run.raw.parameters(), run.cfg.grad_clip)
+        norm = run.accelerator.clip_grad_norm_(params, run.cfg.grad_clip)
+        # the factor torch's clip_grad_norm_ multiplied the gradients by, to undo it below
+        coef = min(1.0, run.cfg.grad_clip / (float(norm) + 1e-6))
     run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.optimizer_updates += 1
-
-
-def _flush(run: _Run, divisor: float) -> None:
-    from otaro.training.laa import apply_flush
-
-    _sync_accumulated_grads(run)
-    apply_flush(list(run.raw.parameters()), divisor)
-    _optimizer_step(run)
+    skipped = run.accelerator.optimizer_step_was_skipped  # fp16 overflow: non-finite gradients
+    if plan.low and not skipped:
+        scale_grads(params, 1.0 / (plan.grad_scale * coef))  # back to the unscaled, unclipped A_n
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+    if not skipped:
+        run.optimizer_updates += 1
 
 
 def train_step(run: _Run) -> dict:
-    """One path step; returns its log record."""
+    """One path step (always one optimizer update); returns its log record."""
     from otaro.modules import set_precision
+    from otaro.training.laa import scale_grads
 
-    acc, cfg = run.accelerator, run.cfg
+    acc = run.accelerator
     bits = run.path.next_bits()
     plan = run.laa.plan(bits)
-    if plan.flush_before:
-        _flush(run, plan.divisor)
     set_precision(run.raw, bits)
     idx = run.order.shard(run.order.next_global_batch(), acc.process_index, acc.num_processes)
     input_ids = run.train.input_ids[idx].to(acc.device)
     labels = run.train.labels[idx].to(acc.device)
-    sync = acc.no_sync(run.model) if plan.accumulate else contextlib.nullcontext()
-    with sync:
-        with acc.autocast():
-            loss = _loss(run, input_ids, labels)
-        acc.backward(loss)
-    update = "accumulate" if plan.accumulate and not plan.step_after else "step"
-    if plan.step_after:
-        if plan.accumulate:  # the k-th low-bit step: this is the delayed update
-            _flush(run, plan.divisor)
-            update = "flush"
-        else:
-            _optimizer_step(run)
+    # The low-bit accumulator A (p.grad) enters this backward as (n-1) * A, in the backward's
+    # loss-scaled units under fp16; a factor of 0 (high-bit step, or a window restarting) drops it.
+    scale_grads(run.raw, plan.keep * _loss_scale(run))
+    with acc.autocast():
+        loss = run.model(input_ids=input_ids, labels=labels)  # LossModel: the chunked loss
+    acc.backward(loss)  # synchronised on every step: DDP averages the whole p.grad
+    _optimizer_step(run, plan)
     run.laa.commit(plan)
+    if plan.low and acc.optimizer_step_was_skipped:
+        run.laa.reset_window()  # its gradients were dropped with the overflow
     lr = run.scheduler.get_last_lr()[0]
     with warnings.catch_warnings():
-        # The schedule follows path steps on purpose (see lr_lambda): an LAA accumulate step
-        # advances it without an optimizer step, which torch warns about.
+        # The schedule follows path steps (see lr_lambda); an fp16 overflow makes GradScaler skip
+        # the optimizer step of that path step, which torch warns about.
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
         run.scheduler.step()
     global_loss = float(acc.reduce(loss.detach().float(), reduction="mean"))
     run.path.observe(bits, global_loss)
     run.step += 1
-    return {"step": run.step, "bits": bits, "loss": global_loss, "lr": lr, "update": update}
+    rec = {"step": run.step, "bits": bits, "loss": global_loss, "lr": lr, "update": "laa" if plan.low else "step"}
+    if plan.low:
+        rec["window"] = plan.window
+    return rec
 
 
 @torch.no_grad()
 def evaluate(run: _Run, bits_list=None) -> dict[str, float]:
     """Mean held-out loss per bit-width (first ``eval_batches`` blocks, the same every time)."""
     from otaro.modules import set_precision
+    from otaro.training.loss import causal_lm_loss
 
     if run.heldout is None or len(run.heldout.input_ids) == 0:
         return {}
@@ -222,9 +238,9 @@ def evaluate(run: _Run, bits_list=None) -> dict[str, float]:
         losses = []
         for i in idx:
             with acc.autocast():
-                r = run.raw(input_ids=run.heldout.input_ids[i : i + 1].to(acc.device),
-                            labels=run.heldout.labels[i : i + 1].to(acc.device))
-            losses.append(r.loss.float())
+                r = causal_lm_loss(run.raw, run.heldout.input_ids[i : i + 1].to(acc.device),
+                                   run.heldout.labels[i : i + 1].to(acc.device))
+            losses.append(r.float())
         out[str(b)] = float(acc.reduce(torch.stack(losses).mean(), reduction="mean"))
     run.model.train()
     return out
@@ -334,10 +350,9 @@ def finetune(cfg: FinetuneConfig, show_progress: bool = True, stop_after: int | 
                 _save(run, run_dir)
             if stop_after is not None and run.step >= stop_after:
                 return None
-    plan = run.laa.flush_plan()  # leftover low-bit gradients: apply them as a last delayed update
-    if plan.flush_before:
-        _flush(run, plan.divisor)
-    run.laa.commit(plan)
+    # Every low-bit gradient is already in an update (LAA never defers one past its own step);
+    # the running mean left in p.grad is only the seed of a next step that will not come.
+    run.optimizer.zero_grad(set_to_none=True)
     final_eval = evaluate(run)
     log.write({"step": run.step, "eval": final_eval, "final": True})
     if not acc.is_main_process:
@@ -349,7 +364,8 @@ def finetune(cfg: FinetuneConfig, show_progress: bool = True, stop_after: int | 
         "source": {"model": cfg.model, "kind": "finetune"},
         "finetune": {
             "path": history, "path_scheduler": run.path.describe(), "steps": run.step,
-            "optimizer_updates": run.optimizer_updates, "laa_flushes": getattr(run.laa, "flushes", None),
+            "optimizer_updates": run.optimizer_updates, "laa_low_bit_updates": run.laa.low_updates,
+            "memory_estimate_bytes": run.memory_estimate.total if run.memory_estimate else None,
             "final_heldout_loss": final_eval, "seconds": round(time.perf_counter() - t0, 2),
         },
     }
