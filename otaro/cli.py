@@ -200,7 +200,8 @@ def inspect(path, as_json):
               help="Training text: .txt file, .jsonl (text or prompt/response), a folder, a saved `datasets` folder, or corpus:NAME (repeatable).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="SEFP checkpoint folder to write (run state and logs go to OUTPUT.run/).")
 @_bits_option()
-@click.option("--format", "fmt", default="sefp-g64-trunc", show_default=True, metavar="FORMAT", help="SEFP format to train.")
+@click.option("--format", "fmt", default=None, metavar="FORMAT",
+              help="SEFP format to train [default: the project default SEFP row, `otaro formats`].")
 @click.option("--path", "path_name", default="bps", show_default=True,
               type=click.Choice(["bps", "round-robin", "random", "fixed"]), help="Bit-width path: BPS or an ablation.")
 @click.option("--fixed-bits", type=int, help="With --path fixed: the one bit-width to train (a per-bit 'model zoo' run).")
@@ -211,7 +212,8 @@ def inspect(path, as_json):
 @click.option("--score", default="gap", show_default=True, type=click.Choice(["gap", "loss"]), help="BPS score: loss gap to the top precision, or the loss.")
 @click.option("--laa/--no-laa", default=True, show_default=True, help="Low-precision asynchronous accumulation.")
 @click.option("--laa-threshold", default=4, show_default=True, help="LAA: bit-widths <= this accumulate.")
-@click.option("--laa-k", default=4, show_default=True, help="LAA: low-bit steps per delayed update.")
+@click.option("--laa-k", default=4, show_default=True,
+              help="LAA: low-bit gradients averaged into each low-bit update (a running mean; every step updates).")
 @click.option("--steps", default=200, show_default=True)
 @click.option("--seq-len", default=512, show_default=True)
 @click.option("--batch-size", default=8, show_default=True, help="Global batch (split across processes).")
@@ -238,16 +240,17 @@ def finetune(model, data, output, bits, fmt, path_name, fixed_bits, segment_len,
     """Fine-tune MODEL once so that one SEFP checkpoint is good at every bit-width in --bits.
 
     Each step runs the model at the bit-width the path picks (BPS: a score per bit-width plus
-    exploration; the top precision is never starved); low-bit gradients are accumulated and
-    applied as one delayed update (LAA). Runs on CPU, one GPU, or several with
+    exploration; the top precision is never starved); each low-bit step updates with a running
+    mean of the recent low-bit gradients (LAA), so every step is one optimizer update. Runs on CPU, one GPU, or several with
     `accelerate launch` / `torchrun` (same command). Logs, a resumable state and a plot of the
     path and losses go to OUTPUT.run/.
     """
+    from otaro.formats import DEFAULT_SEFP
     from otaro.training.config import FinetuneConfig
     from otaro.training.trainer import finetune as run
 
     cfg = FinetuneConfig(
-        model=model, data=tuple(data), output=output, format=fmt, bits=bits, path=path_name, fixed_bits=fixed_bits,
+        model=model, data=tuple(data), output=output, format=fmt or DEFAULT_SEFP, bits=bits, path=path_name, fixed_bits=fixed_bits,
         segment_len=segment_len, explore=explore, ucb_c=ucb_c, epsilon=epsilon, score=score, laa=laa,
         laa_threshold=laa_threshold, laa_k=laa_k, steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr,
         schedule=schedule, warmup_steps=warmup_steps, grad_clip=grad_clip, weight_decay=weight_decay, distill=distill,

@@ -365,7 +365,9 @@ def _build_table() -> dict[str, Format]:
 
 
 FORMATS: dict[str, Format] = _build_table()
-DEFAULT_SEFP = "sefp-g64-nearest"
+# The row that measured best on SmolLM2 (benchmarks/quality.py, RESULTS.md "quality"): lowest
+# KLD at b = 3 and 4 among the RTN rows, b = 8 KLD 0.001; the paper's sefp-g64-trunc stays a row.
+DEFAULT_SEFP = "ssfp-g64-nearest"
 
 
 def _check_table(table: dict[str, Format]) -> None:
