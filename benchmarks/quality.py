@@ -25,6 +25,7 @@ import copy
 import hashlib
 import json
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,9 @@ def quantize(row: Row, src, calib, args):
         return checkpoint.load(row.checkpoint)
     fmt = get_format(row.fmt)
     method = get_method(row.method)
-    cfg = QuantizeConfig(model=MODEL, output=str(Path(args.tmp) / "unused"), method=row.method, format=row.fmt,
+    # the config validates an output folder that must not exist; nothing is written there
+    cfg = QuantizeConfig(model=MODEL, output=str(Path(tempfile.gettempdir()) / "otaro-quality-unused"),
+                         method=row.method, format=row.fmt,
                          calib=CALIB if method.needs_calibration else (), calib_samples=args.calib_samples,
                          calib_len=args.calib_len, bits=row.targets or ())
     with torch.no_grad():
@@ -359,7 +362,6 @@ def main() -> int:
                     help="add a one-model row from an existing SEFP checkpoint (e.g. fine-tuned); START is the "
                          "label of the PTQ row it started from, for the fine-tuning goal")
     ap.add_argument("--only-goal-rows", action="store_true", help="only the rows the goals compare (faster)")
-    ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--replot", action="store_true",
                     help="re-render the table, goals and plot from benchmarks/results/quality.json (no measuring)")
     args = ap.parse_args()
@@ -376,7 +378,9 @@ def main() -> int:
     except OtaroError as e:
         print(f"skipped: {e}")
         return 0
-    result["args"] = {k: v for k, v in vars(args).items() if k != "tmp"}
+    # checkpoint rows are recorded by name and folder name only: no machine paths in the results
+    result["args"] = {**vars(args), "checkpoint": [
+        f"{c.partition('=')[0]}={Path(c.partition('=')[2].partition(':')[0]).name}" for c in args.checkpoint]}
     body = publish("quality", result, plot, markdown)
     print(body)
     return 0
