@@ -45,3 +45,14 @@ def text_file(tmp_path):
     p = tmp_path / "sample.txt"
     p.write_text(SAMPLE_TEXT * 12, encoding="utf-8")
     return p
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+    """A tiny llama with varied weights (std 0.15) saved as a Hugging Face folder."""
+    from otaro.arch.tiny import tiny_model, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("hf") / "tiny"
+    tiny_model("llama", init_std=0.15).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -271,17 +271,6 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.fixture(scope="module")
-def hf_model(tmp_path_factory):
-    """A tiny llama with varied weights (std 0.15) saved as a Hugging Face folder."""
-    from otaro.arch.tiny import tiny_model, tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("hf") / "tiny"
-    tiny_model("llama", init_std=0.15).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 def _linear_output_errors(fp_model, quant_model, windows):
     """Σ ‖X (W − Q)ᵀ‖² per quantized linear, X its inputs in the fp model on the windows."""
     from otaro.modules import quant_layers

@@ -144,16 +144,6 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.fixture(scope="module")
-def hf_model(tmp_path_factory):
-    from otaro.arch.tiny import tiny_model, tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("hf") / "tiny"
-    tiny_model("llama", init_std=0.15).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 def test_quantize_mbrtn_records_its_targets_and_loads(tmp_path, hf_model):
     from otaro import checkpoint
 

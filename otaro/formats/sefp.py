@@ -151,11 +151,6 @@ def step_scale(shared: np.ndarray, bits: int, fmt: SEFPFormat) -> np.ndarray:
     return np.ldexp(shared.astype(np.float32), shift).astype(np.float32)
 
 
-def step_exponent(exponent: np.ndarray, bits: int, fmt: SEFPFormat) -> np.ndarray:
-    """log2 of the step each group's codes are multiplied by at ``bits`` (int32, pow2 only)."""
-    return exponent.astype(np.int32) - bits + 2 - fmt.rounding_spec.extra_code_bits
-
-
 def dequantize_codes(codes: np.ndarray, scale: np.ndarray, group_size: int, in_features: int) -> np.ndarray:
     out, in_p = codes.shape
     g = codes.reshape(out, in_p // group_size, group_size).astype(np.float32)
