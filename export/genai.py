@@ -16,7 +16,7 @@ import onnx
 # explicit I/O names below override.
 GENAI_TYPES = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "gemma": "gemma",
                "phi3": "phi3", "gpt_neox": "llama"}
-ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
+from otaro.runtime.backends import ACCURACY_KEY  # noqa: E402,F401  (the runtime owns it; re-exported)
 
 
 def _token_id(value: Any) -> int | list[int] | None:

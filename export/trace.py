@@ -67,9 +67,13 @@ def trace_decoder(fmodel: nn.Module, out_dir: Path) -> Path:
     """Export ``fmodel`` with optimum into ``out_dir``; returns the model.onnx path."""
     from optimum.exporters.onnx import onnx_export_from_model
 
+    from otaro.arch.rope import traceable_rope
+
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with _quiet(), torch.no_grad():
+        # traceable_rope: rope types that pick their frequencies with a Python `if` (LongRoPE)
+        # would otherwise be frozen at the dummy input's length (otaro/arch/rope.py).
+        with _quiet(), torch.no_grad(), traceable_rope(fmodel):
             onnx_export_from_model(fmodel, str(out_dir), task=TASK, do_validation=False)
     except (ValueError, KeyError, NotImplementedError) as e:
         raise OtaroError(f"optimum could not export this {fmodel.config.model_type} model: {e}") from None

@@ -15,7 +15,6 @@ truncated or foreign folder fails with one clear line. Writes go through ``atomi
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import platform
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +27,9 @@ from otaro.arch import get_adapter
 from otaro.errors import CheckpointError, OtaroError
 from otaro.formats import Format, IntFormat, SEFPFormat, get_format
 from otaro.formats.table import V1_ROUNDINGS
-from otaro.io import atomic_dir, sha256_file, write_json
+from otaro.io import atomic_dir, os_errors_of_safetensors, sha256_file, write_json
+from otaro.manifest_schema import (CHECKPOINT_SCHEMA, check, check_tokenizer_folder, load_json, tokenizer_file_records,
+                                   tokenizer_files_present, verify_tokenizer_files)
 from otaro.modules import LINEAR_CLASSES, QuantInfo, SEFPLinear, attach, quant_layers, set_precision
 
 MANIFEST = "otaro.json"
@@ -90,10 +91,12 @@ def save(model, path: str | Path, tokenizer=None, overwrite: bool = False, extra
     state = quantized_state_dict(model)
     path = Path(path)
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "otaro": str(CHECKPOINT_VERSION)})
+        with os_errors_of_safetensors():
+            save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "otaro": str(CHECKPOINT_VERSION)})
         model.config.save_pretrained(tmp)
+        tokenizer_names = []
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            tokenizer_names = [Path(p).name for p in tokenizer.save_pretrained(tmp) if Path(p).parent == tmp]
         layer_names = set(layers)
         manifest = {
             "otaro_checkpoint": CHECKPOINT_VERSION,
@@ -111,6 +114,9 @@ def save(model, path: str | Path, tokenizer=None, overwrite: bool = False, extra
             "high_precision": sorted(k for k in state if k.rpartition(".")[0] not in layer_names),
             "tied": _tied_names(model),
             "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size},
+            # Tokenizer files are read by transformers and copied into exports: checksummed like
+            # the weights (an empty record still says "no tokenizer was saved with this model").
+            "tokenizer_files": tokenizer_file_records(tmp, tokenizer_names),
             "tools": {"python": platform.python_version(), "torch": torch.__version__, **_lib_versions()},
             **(extra or {}),
         }
@@ -133,12 +139,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint folder")
     mpath = path / MANIFEST
+    if not mpath.is_file() and _hf_reader(path) is not None:
+        return _hf_reader(path).read_manifest(path)  # a Hugging Face GPTQ/AWQ folder (otaro.hf)
     if not mpath.is_file():
         raise CheckpointError(f"{path} is not an otaro checkpoint (no {MANIFEST})")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{mpath} is corrupt: {e}") from None
+    manifest = load_json(mpath, CheckpointError)
     if not isinstance(manifest, dict) or "otaro_checkpoint" not in manifest:
         raise CheckpointError(f"{mpath} is not an otaro checkpoint manifest")
     version = manifest["otaro_checkpoint"]
@@ -155,7 +160,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     # The weights file name comes from the artifact: accept a bare file name only, never a path.
     if not isinstance(wfile, str) or Path(wfile).name != wfile or wfile in ("", ".", "..") or not wfile.endswith(".safetensors"):
         raise CheckpointError(f"{mpath}: weights file {wfile!r} must be a plain .safetensors file name")
-    return manifest
+    # Then every field any reader (load, inspect, export) relies on, with its type.
+    return check(manifest, CHECKPOINT_SCHEMA, str(mpath), CheckpointError)
 
 
 def _upgrade_v1_format(rec: dict[str, Any]) -> dict[str, Any]:
@@ -224,6 +230,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, verify: bool = Tr
     from safetensors.torch import load_file
 
     path = Path(path)
+    if not (path / MANIFEST).is_file() and _hf_reader(path) is not None:
+        return _hf_reader(path).load(path, dtype=dtype, verify=verify)
     manifest = read_manifest(path)
     fmt = format_of(manifest)
     wpath = path / manifest["weights"]["file"]
@@ -263,18 +271,45 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, verify: bool = Tr
     return model
 
 
-def load_tokenizer(path: str | Path):
-    """The tokenizer saved beside a checkpoint, or None if there is none."""
+def load_tokenizer(path: str | Path, manifest: dict | None = None):
+    """The tokenizer saved beside a checkpoint, or None if there is none.
+
+    Its files are checked against the manifest's sha256 (checkpoints written before tokenizer
+    checksums load unchecked) and may not point outside the folder; a corrupt or unreadable
+    tokenizer is one CheckpointError line."""
+    path = Path(path)
+    manifest = read_manifest(path) if manifest is None else manifest
+    records = manifest.get("tokenizer_files")
+    if records is not None:
+        verify_tokenizer_files(path, records, CheckpointError)
+    if not tokenizer_files_present(path):
+        return None
+    return load_tokenizer_folder(path)
+
+
+def load_tokenizer_folder(path: Path):
+    """AutoTokenizer of a local folder (a checkpoint or a Hugging Face model), after checking
+    its JSON and that tokenizer_config.json names no file outside ``path``."""
     from transformers import AutoTokenizer
 
-    path = Path(path)
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    check_tokenizer_folder(path, CheckpointError)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - tokenizers' Rust errors and transformers' own: the folder's fault
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"the tokenizer in {path} cannot be read: {first}") from None
+
+
+def _hf_reader(path: Path):
+    """otaro.hf.reader when ``path`` is a Hugging Face folder in a layout it reads (GPTQ, AWQ), else None."""
+    from otaro.hf import reader
+
+    return reader if reader.is_hf_quantized(path) else None
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    """An otaro checkpoint folder, or a Hugging Face GPTQ/AWQ folder (read through otaro.hf)."""
+    return (Path(path) / MANIFEST).is_file() or _hf_reader(Path(path)) is not None
 
 
 __all__ = ["save", "load", "load_tokenizer", "read_manifest", "is_checkpoint", "quantized_state_dict",

@@ -12,15 +12,93 @@ from otaro import __version__
 from otaro.errors import OtaroError
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every atomic writer removes its partial output."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+class _StdoutFailed(OSError):
+    """Writing standard output failed (``> /dev/full``, a full disk): told apart from an
+    OSError of some other file, which keeps its traceback."""
+
+
+class _GuardedStdout:
+    """sys.stdout during a command: the same stream, with its write errors marked as ours.
+    Everything else (encoding, fileno, isatty, buffer) is the stream's own, so click and rich
+    use it as they would sys.stdout."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            if isinstance(e, BrokenPipeError):
+                raise  # `otaro ... | head`: click exits 1 quietly
+            err = _StdoutFailed(e.errno, e.strerror)
+            err.otaro_stdout = True  # otaro.io: not a write error of the output being built
+            raise err from None
+
+    def write(self, s):
+        return self._guard(self._stream.write, s)
+
+    def writelines(self, lines):
+        return self._guard(self._stream.writelines, lines)
+
+    def flush(self):
+        return self._guard(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _silence_stdout(stream) -> None:
+    """Point fd 1 at /dev/null: the interpreter flushes stdout at exit, and a second failure
+    there would print "Exception ignored" and exit 120 after our one line."""
+    import os
+
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):  # not a real file (CliRunner)
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
+        import signal
+        import threading
+
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        stdout, sys.stdout = sys.stdout, _GuardedStdout(sys.stdout)
         try:
-            return super().invoke(ctx)
+            rv = super().invoke(ctx)
+            sys.stdout.flush()  # a full stdout (> /dev/full) fails here, inside our handlers
+            return rv
         except OtaroError as e:
             raise click.ClickException(str(e)) from None
-        except KeyboardInterrupt:
-            click.echo("interrupted: no output was written", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            # A command that leaves something behind on purpose (finetune's resumable run
+            # folder) says what in Interrupted.left; the atomic writers leave nothing.
+            left = getattr(e, "left", None) or "no output was written"
+            click.echo(f"interrupted: {left}", err=True)
+            sys.exit(143 if isinstance(e, _Terminated) or isinstance(e.__context__, _Terminated)
+                     or isinstance(e.__cause__, _Terminated) else 130)
+        except _StdoutFailed as e:
+            _silence_stdout(stdout)
+            raise click.ClickException(f"cannot write to standard output: {e.strerror or e}") from None
+        finally:
+            sys.stdout = stdout
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -52,6 +130,28 @@ def _bits_option(default: str = "2-8"):
                         help="Bit-widths to use: a range '2-8' or a list '2,3,4,8' (each 2..8).")
 
 
+def _model_stem(model: str) -> str:
+    """A model's name for default output names: the folder's own name for a path (`.` or
+    `../x/` have none of their own), the name itself for `tiny-llama` or an alias."""
+    p = Path(model)
+    return p.resolve().name if p.exists() else p.name or model
+
+
+class _QuantizeCommand(click.Command):
+    """`quantize --help` ends with the registered methods, generated from otaro.methods.METHODS
+    so that a new method shows up without anyone editing the help text."""
+
+    def format_epilog(self, ctx, formatter):
+        from otaro.methods import METHODS
+
+        with formatter.section("Methods"):
+            formatter.write_dl([
+                (m.name, f"{m.description} [{'/'.join(m.families)}"
+                         f"{'; needs --task' if m.multi_task else '; needs --calib' if m.needs_calibration else ''}]")
+                for m in METHODS.values()])
+        super().format_epilog(ctx, formatter)
+
+
 def _format_choice():
     from otaro.formats import quantized_format_names
 
@@ -75,7 +175,7 @@ def formats(family, as_json):
         print_formats(rows)
 
 
-@cli.command()
+@cli.command(cls=_QuantizeCommand)
 @click.argument("model")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Checkpoint folder to write [default: ./<model>-<format>-<method>].")
 @click.option("--method", default="rtn", show_default=True, help="Quantization method (see the list below).")
@@ -99,15 +199,23 @@ def formats(family, as_json):
 @click.option("--scale-search/--no-scale-search", default=True, show_default=True,
               help="mbrtn/gptq on SEFP: pick each group's shared scale (exponent E or E-1; fp16 clipping grid) "
                    "by the same weighted error.")
+@click.option("--save-format", "save_format", type=click.Choice(["otaro", "hf"]), default="otaro", show_default=True,
+              help="otaro: checkpoint + otaro.json. hf (int formats): a Hugging Face folder that transformers, "
+                   "AutoGPTQ/AutoAWQ and onnxruntime-genai's model builder read: GPTQ v1 layout for rtn/gptq, "
+                   "AWQ GEMM (4-bit) for awq.")
+@click.option("--task", "tasks", multiple=True, metavar="NAME=ADAPTER:DATA",
+              help="Multi-task methods (mlgptq, mlawq, gptq-pooled, awq-pooled): a task's PEFT LoRA folder and its "
+                   "calibration data (specs as --calib, comma list); repeatable, one per task.")
+@click.option("--task-stats", "task_stats", type=click.Path(file_okay=False), metavar="DIR",
+              help="Multi-task methods: keep each task's statistics here and reuse them, so adding a task "
+                   "collects only the new one.")
 def quantize(model, output, method, fmt, overwrite, calib, calib_samples, calib_len, calib_seed, bits, damp,
-             act_order, block_size, scale_search):
+             act_order, block_size, scale_search, save_format, tasks, task_stats):
     """Quantize MODEL and write a checkpoint (safetensors + otaro.json manifest).
 
     An SEFP checkpoint stores 8-bit mantissas and per-group exponents once; every precision
     from 2 to 8 bits is derived from it at load or run time (`otaro eval --bits`).
-    Methods: rtn (round-to-nearest / direct encoding, no data); mbrtn (SEFP: each stored code
-    minimises the weighted error over the --bits targets, no data); gptq (error-compensated
-    rounding against Hessians from --calib text; for SEFP weighted over the --bits targets).
+    The methods (--method) are listed below.
     """
     from pathlib import Path
 
@@ -116,14 +224,15 @@ def quantize(model, output, method, fmt, overwrite, calib, calib_samples, calib_
 
     fmt = fmt or DEFAULT_SEFP
 
-    output = output or f"{Path(model).name}-{fmt}-{method}"
+    output = output or f"{_model_stem(model)}-{fmt}-{method}"
     calib = tuple(part for value in calib for part in value.split(",") if part)
     cfg = QuantizeConfig(model=model, output=output, method=method, format=fmt, overwrite=overwrite, calib=calib,
                          calib_samples=calib_samples, calib_len=calib_len, calib_seed=calib_seed, bits=bits or (),
-                         damp=damp, act_order=act_order, block_size=block_size, scale_search=scale_search)
-    from tqdm.auto import tqdm
+                         damp=damp, act_order=act_order, block_size=block_size, scale_search=scale_search,
+                         save_format=save_format, tasks=tuple(tasks), task_stats=task_stats)
+    from otaro.progress import progress
 
-    with tqdm(desc=f"{method} {fmt}", unit="layer", disable=None, leave=False) as bar:
+    with progress(desc=f"{method} {fmt}", unit="layer") as bar:
         path = run(cfg, progress=lambda name: bar.update(1))
     click.echo(f"wrote {path}")
 
@@ -136,7 +245,7 @@ def quantize(model, output, method, fmt, overwrite, calib, calib_samples, calib_
 @click.option("--format", "fmts", multiple=True, metavar="FORMAT",
               help="For an unquantized MODEL: quantize it on the fly (RTN) in this format (repeatable).")
 @click.option("--no-baseline", is_flag=True, help="Skip the unquantized fp32 row.")
-@click.option("--seq-len", default=512, show_default=True, help="Tokens per evaluation window.")
+@click.option("--seq-len", type=int, help="Tokens per evaluation window [default: 512, or the model's maximum positions if smaller].")
 @click.option("--max-windows", default=40, show_default=True, help="Windows per text, evenly spaced (0 = all).")
 @click.option("--batch-size", default=1, show_default=True)
 @click.option("--threads", type=int, help="CPU threads for torch [default: torch's].")
@@ -174,6 +283,10 @@ def eval_cmd(model, texts, corpora, bits, fmts, no_baseline, seq_len, max_window
         baseline=not no_baseline, seq_len=seq_len, max_windows=max_windows or None, batch_size=batch_size,
         threads=threads, reference=reference, use_reference=not no_reference,
     )
+    from otaro.io import check_writable_output
+
+    output = output or f"eval-{_model_stem(model)}"
+    check_writable_output(output)  # fail before the model loads and every window is scored
     result = run_eval(cfg)
     if result["reference"]["note"]:
         click.echo(f"note: {result['reference']['note']}", err=True)
@@ -181,7 +294,7 @@ def eval_cmd(model, texts, corpora, bits, fmts, no_baseline, seq_len, max_window
     if any(r["kld"] is not None for r in result["rows"]):
         title += f", KLD/top-1 vs {Path(result['reference']['model']).name}"
     click.echo(report.table_text(result["rows"], title))
-    out = report.save(result, output or f"eval-{Path(model).name}", title)
+    out = report.save(result, output, title)
     click.echo(f"wrote {out['json']} and {out['png']} ({result['seconds']:.1f} s)")
 
 
@@ -215,7 +328,7 @@ def inspect(path, as_json):
 @click.option("--laa-k", default=4, show_default=True,
               help="LAA: low-bit gradients averaged into each low-bit update (a running mean; every step updates).")
 @click.option("--steps", default=200, show_default=True)
-@click.option("--seq-len", default=512, show_default=True)
+@click.option("--seq-len", type=int, help="Tokens per training sequence [default: 512, or the model's maximum positions if smaller].")
 @click.option("--batch-size", default=8, show_default=True, help="Global batch (split across processes).")
 @click.option("--lr", default=2e-5, show_default=True)
 @click.option("--schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "linear", "constant"]))
@@ -286,11 +399,12 @@ EXPORTERS = {"onnx": "otaro.export.artifact"}  # format -> module with export(Ex
 @click.option("--bits", "default_bits", type=click.IntRange(2, 8),
               help="Precision the single model runs at in stock runtimes [default: the checkpoint's, usually 8].")
 @click.option("--accuracy-level", default=4, show_default=True, type=click.IntRange(0, 4),
-              help="MatMulNBits accuracy_level: 4 = int8 activations (fast; ~0.5%% activation rounding), "
+              help="MatMulNBits accuracy_level: 4 = int8 activations (fast; ~0.5% activation rounding), "
                    "1 = fp32 activations (exact; 2/8-bit containers then dequantize per call on CPU, much slower).")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Check every bit-width and variant against torch (logits and greedy tokens).")
-@click.option("--validate-tokens", default=8, show_default=True, help="Greedy tokens compared per check.")
+@click.option("--validate-tokens", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Greedy tokens compared per check.")
 @click.option("--threads", type=int, help="onnxruntime threads for validation [default: all cores].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def export(checkpoint, output, fmt, variants, default_bits, accuracy_level, validate, validate_tokens, threads,
@@ -333,7 +447,25 @@ _not_built("profile", "latency and memory per bit-width per device.")
 
 
 def main():
-    cli(prog_name="otaro")
+    # `--help` / `--version` print outside any command (_Group.invoke): a full stdout must fail
+    # here too, in one line, not in the interpreter's final flush ("Exception ignored", exit 120).
+    stdout = sys.stdout
+    guard = sys.stdout = _GuardedStdout(stdout)
+    try:
+        try:
+            cli(prog_name="otaro")
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        sys.stdout.flush()
+    except _StdoutFailed as e:
+        _silence_stdout(stdout)
+        click.echo(f"Error: cannot write to standard output: {e.strerror or e}", err=True)
+        code = 1
+    finally:
+        if sys.stdout is guard:  # else click's broken-pipe wrapper, which must stay for the exit flush
+            sys.stdout = stdout
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -20,3 +20,18 @@ class CheckpointError(OtaroError):
 
 class UnsupportedArchitecture(OtaroError):
     """A model whose architecture has no registered adapter."""
+
+
+class OutputError(OtaroError):
+    """An output location that cannot be written (read-only, full, a file in the way)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, carrying what the interrupted command left on disk.
+
+    A ``KeyboardInterrupt`` on purpose: every ``except BaseException`` cleanup (atomic writers)
+    runs as for a plain Ctrl-C; the CLI prints ``left`` instead of "no output was written"."""
+
+    def __init__(self, left: str):
+        super().__init__(left)
+        self.left = left

@@ -5,7 +5,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from otaro.errors import CheckpointError
 from otaro.formats import get_format
+from otaro.manifest_schema import NONNEG_INT, NUMBER, ListOf, MapOf, check
+
+# What the artifact view prints beyond what the runtime validates (otaro.runtime.artifact).
+_ARTIFACT_DISPLAY = {
+    "float_bytes": NONNEG_INT,
+    "precisions": MapOf({"container_bits": (int, None), "weight_bytes": NONNEG_INT, "model_bytes": NONNEG_INT}),
+    "validation": dict,
+}
+_VALIDATION = {
+    "exact_accuracy_level": int, "relative_tolerance": NUMBER, "prompt_tokens": int, "new_tokens": int,
+    "results": ListOf({"model": str, "bits": int, "max_abs_diff": NUMBER, "greedy_equal": bool, "shipped_level": int,
+                       "shipped_max_abs_diff": NUMBER, "shipped_greedy_equal": bool}),
+}
+
+
+def _weights_size(rec: dict) -> str:
+    return f"{rec['bytes'] / 2**20:.2f} MiB" if "bytes" in rec else "(size not recorded)"
 
 
 def precision_bytes(manifest: dict) -> dict[int, dict[str, int]]:
@@ -37,10 +55,14 @@ def describe_artifact(path: str | Path, as_json: bool = False) -> str:
     m = read_manifest(path)
     if as_json:
         return json.dumps(m, indent=2)
+    check(m, _ARTIFACT_DISPLAY, f"{Path(path) / 'otaro_artifact.json'}", CheckpointError)
+    val = m["validation"]
+    if not val.get("skipped"):
+        check(val, _VALIDATION, f"{Path(path) / 'otaro_artifact.json'}", CheckpointError, "validation")
     s, arch = m["sefp"], m["architecture"]
     model_bytes = _dir_bytes(m["model"]["files"])
     lines = [
-        f"artifact     {path}  ({m['format']}, artifact v{m['otaro_artifact']}, otaro {m['tools'].get('otaro')})",
+        f"artifact     {path}  ({m['format']}, artifact v{m['otaro_artifact']}, otaro {m.get('tools', {}).get('otaro')})",
         f"architecture {arch['arch']} ({arch['model_type']}), {arch.get('num_hidden_layers')} blocks, "
         f"{len(m['layers'])} quantized linears, vocab {arch.get('vocab_size')}",
         f"number format {s['format']} (group {s['group_size']}, {s['rounding']}), stored once as int8 mantissas + "
@@ -64,7 +86,6 @@ def describe_artifact(path: str | Path, as_json: bool = False) -> str:
         lines.append(f"  {v['path']:<32} {v['kind']:<10} {v['format']:<18} {v['bits']} bits in a "
                      f"{v['container_bits']}-bit MatMulNBits, accuracy_level {v['accuracy_level']}, "
                      f"{_mib(_dir_bytes(v['files']))}")
-    val = m["validation"]
     if val.get("skipped"):
         lines += ["", "validation   skipped at export (--no-validate)"]
     else:
@@ -92,10 +113,10 @@ def describe(path: str | Path, as_json: bool = False) -> str:
         f"checkpoint   {path}",
         f"format       {fmt['name']} (checkpoint v{m['otaro_checkpoint']}, otaro {m.get('otaro_version')})",
         f"architecture {m['arch']} ({m['model_type']}), {len(m['layers'])} quantized linears",
-        f"method       {m.get('method', {}).get('name', '?')}, source {m.get('source', {}).get('model', '?')}",
+        f"method       {(m.get('method') or {}).get('name', '?')}, source {(m.get('source') or {}).get('model', '?')}",
         f"trained for  {m.get('trained_bits') or 'not fine-tuned (post-training quantization)'}",
         f"default bits {m.get('default_bits')}",
-        f"weights      {m['weights']['file']} {m['weights']['bytes'] / 2**20:.2f} MiB, sha256 {m['weights']['sha256'][:16]}…",
+        f"weights      {m['weights']['file']} {_weights_size(m['weights'])}, sha256 {m['weights']['sha256'][:16]}…",
         f"kept high precision: {len(m['high_precision'])} tensors (embeddings, norms, head)",
         "",
         "bits  quantized-linear bytes (fixed-precision copy)",

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from otaro.errors import FormatError, OtaroError
 from otaro.formats import DEFAULT_SEFP, get_format, parse_bit_weights
+from otaro.io import refuse_output_over_inputs
 
 QUANTIZE_CONFIG_VERSION = 2  # 2: calibration and GPTQ fields
+# --save-format -> the module whose save(model, path, tokenizer=, overwrite=, extra=) writes it
+# (and, optionally, check_model(model, fmt, method) that refuses a model before any work).
+SAVE_FORMATS = {"otaro": "otaro.checkpoint", "hf": "otaro.hf"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,15 @@ class QuantizeConfig:
     # SEFP multi-bit methods (mbrtn, gptq): search each group's shared scale (pow2: E or E-1;
     # fp16: a clipping grid) on the same λ-weighted error.
     scale_search: bool = True
+    # What is written: "otaro" (checkpoint folder + otaro.json) or "hf" (a Hugging Face folder
+    # in the layout of the method: rtn/gptq -> GPTQ v1, awq -> AWQ GEMM; int formats only, otaro.hf).
+    save_format: str = "otaro"
+    # Multi-task methods (mlgptq, mlawq, gptq-pooled, awq-pooled; otaro.methods.multitask): one
+    # (name, PEFT LoRA folder, calibration data specs) per task, "NAME=ADAPTER:DATA" strings
+    # accepted; calib_samples/calib_len/calib_seed apply to each task. task_stats: a folder
+    # keeping each task's statistics, so adding a task does not re-collect the others.
+    tasks: tuple = ()
+    task_stats: str | None = None
     version: int = QUANTIZE_CONFIG_VERSION
 
     def __post_init__(self):
@@ -47,7 +61,11 @@ class QuantizeConfig:
             raise FormatError(f"method {self.method} cannot produce {fmt.family} formats ({fmt.name})")
         calib = (self.calib,) if isinstance(self.calib, str) else tuple(self.calib)
         object.__setattr__(self, "calib", calib)
-        if method.needs_calibration:
+        if method.multi_task or self.tasks or self.task_stats:
+            from otaro.methods.multitask import check_task_config
+
+            object.__setattr__(self, "tasks", check_task_config(self, method))  # raises unless multi-task
+        elif method.needs_calibration:
             self._check_calibration()
         elif calib:
             raise OtaroError(f"method {self.method} uses no calibration data; drop --calib")
@@ -59,9 +77,22 @@ class QuantizeConfig:
             raise OtaroError(f"--damp must be in (0, 1] (a fraction of the mean Hessian diagonal), got {self.damp}")
         if self.block_size < 1:
             raise OtaroError(f"--block-size must be at least 1 (got {self.block_size})")
+        self._check_save_format(fmt)
         out = Path(self.output)
+        # Before "already exists": with --overwrite it would replace (delete) the model or calibration text.
+        refuse_output_over_inputs(out, [self.model, *(c for c in calib if not c.startswith("corpus:"))])
         if out.exists() and not self.overwrite:
             raise OtaroError(f"output folder {out} already exists (pass --overwrite to replace it)")
+
+    def _check_save_format(self, fmt) -> None:
+        if self.save_format not in SAVE_FORMATS:
+            raise OtaroError(f"--save-format must be one of {', '.join(SAVE_FORMATS)} (got {self.save_format!r})")
+        if self.save_format == "hf":
+            from otaro.hf import layout_for_method
+            from otaro.hf.layouts import check_format
+
+            # int formats only, and the method's layout must hold the bit-width (AWQ: 4 only)
+            check_format(layout_for_method(self.method), fmt)
 
     def _check_calibration(self):
         from otaro.methods.calib import check_calibration_specs
@@ -93,15 +124,19 @@ class QuantizeConfig:
 
 def quantize(config: QuantizeConfig, progress=None) -> Path:
     """Run the method and save the checkpoint; returns the output folder."""
-    from otaro import checkpoint
     from otaro.methods import get_method
+    from otaro.io import check_writable_output
     from otaro.sources import load_source
 
+    check_writable_output(config.output)  # a read-only or blocked output fails now, not after the work
     src = load_source(config.model)
     if src.kind == "checkpoint":
         raise OtaroError(f"{config.model} is already quantized; quantize the original model")
     fmt = get_format(config.format)
     method = get_method(config.method)
+    saver = importlib.import_module(SAVE_FORMATS[config.save_format])
+    if hasattr(saver, "check_model"):  # e.g. the HF layouts' shape rules, before any calibration
+        saver.check_model(src.model, fmt, method.name)
     calibration = None
     if method.needs_calibration:
         from otaro.methods.calib import calibration_windows
@@ -109,8 +144,16 @@ def quantize(config: QuantizeConfig, progress=None) -> Path:
         # Built (and checked: enough tokens, length within the model's positions) before any
         # layer is touched.
         max_pos = getattr(src.model.config, "max_position_embeddings", None)
-        calibration = calibration_windows(src.tokenizer, config.calib, config.calib_samples, config.calib_len,
-                                          seed=config.calib_seed, max_positions=max_pos)
+        if method.multi_task:  # task name -> its windows
+            calibration = {t.name: calibration_windows(src.tokenizer, t.data, config.calib_samples, config.calib_len,
+                                                       seed=config.calib_seed, max_positions=max_pos)
+                           for t in config.tasks}
+        else:
+            calibration = calibration_windows(src.tokenizer, config.calib, config.calib_samples, config.calib_len,
+                                              seed=config.calib_seed, max_positions=max_pos)
     model = method.run(src.model, fmt, config, calibration, progress)
     extra = {"method": {"name": method.name, "config": asdict(config)}, "source": {"model": config.model, "kind": src.kind}}
-    return checkpoint.save(model, config.output, tokenizer=src.tokenizer, overwrite=config.overwrite, extra=extra)
+    path = saver.save(model, config.output, tokenizer=src.tokenizer, overwrite=config.overwrite, extra=extra)
+    if method.after_save is not None:
+        method.after_save(model, path)
+    return path

@@ -25,18 +25,20 @@ class Source:
 
 
 def _tiny(spec: str, dtype) -> Source | None:
-    from otaro.arch import ARCHS
+    from otaro.arch import TINY_MODELS
     from otaro.arch.tiny import tiny_model, tiny_tokenizer
 
-    if not spec.startswith("tiny-") or spec[5:] not in ARCHS:
+    if not spec.startswith("tiny-") or spec[5:] not in TINY_MODELS:
         return None
-    return Source(tiny_model(spec[5:]).to(dtype), tiny_tokenizer(), spec, "tiny")
+    return Source(tiny_model(spec[5:]).to(dtype), tiny_tokenizer(TINY_MODELS[spec[5:]].bos), spec, "tiny")
 
 
 def _checkpoint(spec: str, dtype) -> Source | None:
     from otaro import checkpoint
 
     path = Path(spec)
+    # An otaro checkpoint, or a Hugging Face GPTQ/AWQ folder (quantization_config in config.json),
+    # which otaro.checkpoint reads into the same int modules (otaro.hf.reader).
     if not checkpoint.is_checkpoint(path):
         return None
     return Source(checkpoint.load(path, dtype=dtype), checkpoint.load_tokenizer(path), path.name, "checkpoint", path)
@@ -67,12 +69,15 @@ def load_hf_folder(path: Path, dtype) -> Any:
 
 
 def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
+    """The folder's tokenizer, or None when it has no tokenizer files (a model without one can
+    still be quantized). Tokenizer files that are there but corrupt, or that point outside the
+    folder, are refused (one CheckpointError line) rather than silently dropped."""
+    from otaro.checkpoint import load_tokenizer_folder
+    from otaro.manifest_schema import tokenizer_files_present
 
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except Exception:  # noqa: BLE001 - a model without a tokenizer can still be quantized
+    if not tokenizer_files_present(path):
         return None
+    return load_tokenizer_folder(path)
 
 
 def _hf(spec: str, dtype) -> Source | None:
@@ -95,7 +100,7 @@ RESOLVERS: list[Callable[[str, Any], Source | None]] = [_checkpoint, _tiny, _ali
 
 
 def known_aliases() -> list[str]:
-    from otaro.arch import ARCHS
+    from otaro.arch import TINY_MODELS
 
     try:
         from otaro.assets.models import model_aliases
@@ -103,7 +108,19 @@ def known_aliases() -> list[str]:
         aliases = list(model_aliases())
     except ImportError:
         aliases = []
-    return aliases + [f"tiny-{a}" for a in ARCHS]
+    return aliases + [f"tiny-{a}" for a in TINY_MODELS]
+
+
+DEFAULT_SEQ_LEN = 512  # tokens per eval/finetune window when the user gives none
+
+
+def fit_seq_len(requested: int | None, model_config, preferred: int = DEFAULT_SEQ_LEN) -> int:
+    """The window length to use: the user's, else ``preferred`` capped at the model's maximum
+    positions, so the defaults work on a model with a short context (the tiny ones allow 256)."""
+    if requested is not None:
+        return requested
+    max_pos = getattr(model_config, "max_position_embeddings", None)
+    return min(preferred, int(max_pos)) if max_pos else preferred
 
 
 def load_source(spec: str, dtype: torch.dtype = torch.float32) -> Source:

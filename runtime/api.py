@@ -17,7 +17,6 @@ jinja2 — never torch.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 import time
@@ -29,6 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence, Union
 import numpy as np
 
 from otaro.errors import OtaroError
+from otaro.manifest_schema import check, check_tokenizer_folder, load_json
 from otaro.runtime.artifact import ArtifactError, read_manifest, verify_files
 from otaro.runtime.backends import BackendChoice, create_session, select_backend
 from otaro.runtime.chat import ChatTemplate, ChatTemplateError, Messages, check_messages
@@ -39,6 +39,8 @@ from otaro.runtime.switch import (Entry, Master, Precision, PrecisionSpec, Sessi
 
 Prompt = Union[str, Messages, Sequence[int]]
 DEFAULT_CACHE_BYTES = 2 << 30
+# What the runtime reads besides the manifest's model files (tokenizers, ChatTemplate.find).
+RUNTIME_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,7 @@ def _is_prompt(p: Any) -> bool:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} is not valid JSON: {e}") from None
+    return check(load_json(path, ArtifactError), dict, str(path), ArtifactError)
 
 
 def _ids(v: Any) -> tuple[int, ...]:
@@ -174,6 +173,13 @@ class Runtime:
                                  m["accuracy_level"] if accuracy_level is None else accuracy_level)
         for files in (m["model"]["files"], m["files"]):
             (verify_files if verify else _check_sizes)(root, files)
+        # Tokenizer files are artifact files: only those the manifest lists (and so checked
+        # above) are read, and none may point outside the folder.
+        unlisted = [n for n in RUNTIME_TOKENIZER_FILES if (root / n).is_file() and n not in m["files"]]
+        if unlisted:
+            raise ArtifactError(f"{root / unlisted[0]} is not listed in the artifact's manifest (it was not written "
+                                f"by `otaro export`); remove it or export again")
+        check_tokenizer_folder(root, ArtifactError)
         master = Master(root, m)
         tokenizer = None
         if (root / "tokenizer.json").is_file():

@@ -14,13 +14,13 @@ that must be bare names (or ``variants/<name>``), sha256 of files on request.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from otaro.errors import FormatError, OtaroError
 from otaro.formats.table import V1_ROUNDINGS, SEFPFormat
+from otaro.manifest_schema import NONNEG_INT, POS_INT, ListOf, MapOf, Opt, check, load_json
 
 MANIFEST = "otaro_artifact.json"
 FORMAT_VERSION = 2
@@ -103,7 +103,25 @@ def validate(m: Any) -> dict:
         _require(v, "kind", str, "variant")
         _require(v, "format", str, "variant")
         _check_files(_require(v, "files", dict, "variant"), f"variant {v['name']}")
-    return m
+    # Then the rest of what readers (the runtime, `otaro inspect`) use, with its type.
+    return check(m, ARTIFACT_SCHEMA, "manifest", ArtifactError)
+
+
+FILES = MapOf({"sha256": str, "bytes": NONNEG_INT})
+ARTIFACT_SCHEMA = {
+    "model": {"files": FILES},
+    "sefp": {"scale": Opt(str), "top_bits": Opt(int), "exponent_bits": Opt((int, None))},
+    "architecture": {"arch": str, "model_type": str, "num_hidden_layers": Opt((int, None)),
+                     "vocab_size": Opt((int, None))},
+    "layers": MapOf({"in_features": POS_INT, "out_features": POS_INT}),
+    "files": FILES,
+    "trained_bits": Opt((None, ListOf(int))),
+    "variants": ListOf({"path": str, "bits": int, "container_bits": (int, None), "accuracy_level": int,
+                        "files": FILES}),
+    "tools": Opt(MapOf((str, None))),
+    "created": Opt(str),
+    "source": Opt(dict),
+}
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -113,11 +131,7 @@ def read_manifest(path: str | Path) -> dict:
         raise ArtifactError(f"{path} is not a folder (an artifact is the folder `otaro export` wrote)")
     if not f.is_file():
         raise ArtifactError(f"{path} has no {MANIFEST}: not an otaro artifact (or an interrupted export)")
-    try:
-        m = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{f} is not valid JSON: {e}") from None
-    return validate(m)
+    return validate(load_json(f, ArtifactError))
 
 
 def is_artifact(path: str | Path) -> bool:

@@ -14,7 +14,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from otaro.errors import OtaroError
-from otaro.export.genai import ACCURACY_KEY
+
+# The onnxruntime session option that sets the accuracy level of the MatMulNBits it fuses from
+# blocked DequantizeLinear + MatMul. Defined here, below the exporter (which writes it into
+# genai_config.json): the runtime never imports the exporter.
+ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
@@ -28,7 +32,7 @@ class Backend:
     install_hint: str
 
 
-# CPU containers are checked on ORT 1.32 (FACTS.md: 2/4/8). The CUDA kernel's are read from
+# CPU containers are checked on ORT 1.32 (docs/FACTS.md: 2/4/8). The CUDA kernel's are read from
 # onnxruntime's docs, not run here (no GPU): 4 and 8, so 2- and 3-bit codes ride in 4 bits.
 BACKENDS: dict[str, Backend] = {
     b.name: b

@@ -8,7 +8,6 @@ attribute tricks, no mutation of what we pass in), with the helpers Hugging Face
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -38,18 +37,21 @@ class ChatTemplate:
         """The template of an artifact folder: ``chat_template.jinja`` (transformers >= 4.43
         writes it there) or ``tokenizer_config.json``'s ``chat_template`` (a string, or a list
         of named templates of which we take ``default``)."""
+        from otaro.manifest_schema import check, load_json
+
         cfg_path = root / "tokenizer_config.json"
-        try:
-            cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ChatTemplateError(f"{cfg_path} is not valid JSON: {e}") from None
+        cfg = check(load_json(cfg_path, ChatTemplateError), dict, str(cfg_path), ChatTemplateError) \
+            if cfg_path.is_file() else {}
         special = {k: t for k in _SPECIAL if (t := _token_text(cfg.get(k))) is not None}
         source = cfg.get("chat_template")
         if isinstance(source, list):
             source = next((t.get("template") for t in source
                            if isinstance(t, dict) and t.get("name") == "default"), None)
         if (root / "chat_template.jinja").is_file():
-            source = (root / "chat_template.jinja").read_text()
+            try:
+                source = (root / "chat_template.jinja").read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError) as e:
+                raise ChatTemplateError(f"{root / 'chat_template.jinja'} cannot be read: {e}") from None
         return cls(source, special) if isinstance(source, str) and source else None
 
     def render(self, messages: Messages, add_generation_prompt: bool = True) -> str:

@@ -5,6 +5,12 @@ The graph contract is optimum's (and onnxruntime-genai's defaults): inputs ``inp
 ``[batch, kv_heads, past, head_dim]``; outputs ``logits`` and ``present.{i}.key|value``.
 The exporter's validation, the tests and :mod:`otaro.runtime` all drive models through this.
 A :class:`Batch` runs several prompts of different lengths at once, left-padded.
+
+A graph whose metadata carries ``otaro.recompute_past_after = N`` (LongRoPE: a sequence's
+rotary frequencies change once it is longer than N, so the keys cached before are stale) is
+re-run over every token, without the past, by the step that makes a sequence longer than N:
+what transformers' Phi-3 ``generate`` does. In a batch each row crosses on its own step (its
+real length, from the mask); rows that did not cross recompute the same values.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import numpy as np
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+RESET_KEY = "otaro.recompute_past_after"  # written by the exporter (otaro/arch/rope.py)
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,7 @@ class DecoderIO:
     kv_dtype: type
     has_position_ids: bool
     extra_inputs: tuple[str, ...]  # inputs we do not feed (e.g. a run-time bits input)
+    recompute_past_after: int | None = None  # total length at which the past goes stale (RESET_KEY)
 
     @classmethod
     def of(cls, session) -> "DecoderIO":
@@ -44,8 +52,10 @@ class DecoderIO:
         dtype = _NP_TYPES.get(inputs[past[0]].type, np.float32) if past else np.float32
         present = tuple(n.replace("past_key_values", "present") for n in past)
         known = {"input_ids", "attention_mask", "position_ids", *past}
+        meta = session.get_modelmeta().custom_metadata_map or {}
+        reset = meta.get(RESET_KEY)
         return cls(tuple(past), present, kv_shape, dtype, "position_ids" in inputs,
-                   tuple(n for n in inputs if n not in known))
+                   tuple(n for n in inputs if n not in known), int(reset) if reset else None)
 
 
 class Decoder:
@@ -72,6 +82,19 @@ class Decoder:
         out = self.session.run(self._outputs, feeds)
         return out[0], dict(zip(self.io.past_names, out[1:]))
 
+    def extend(self, ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray],
+               new: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Run the last ``new`` of ``ids`` [B, total] (every token so far) on ``past``; the
+        logits cover the new tokens, or every token when the past had to be recomputed."""
+        total = ids.shape[1]
+        reset = self.io.recompute_past_after
+        if reset is not None and total > new:
+            before = attention_mask[:, :total - new].sum(axis=1)  # real tokens of each row's past
+            after = attention_mask.sum(axis=1)
+            if np.any((before <= reset) & (after > reset)):
+                return self.forward(ids, attention_mask, self.empty_past(ids.shape[0]))
+        return self.forward(ids[:, total - new:], attention_mask, past)
+
     def prompt_logits(self, ids: list[int]) -> np.ndarray:
         """Logits [T, V] of one prompt in a single prefill."""
         x = np.asarray([ids], np.int64)
@@ -81,17 +104,17 @@ class Decoder:
     def greedy(self, ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
         """Greedy continuation of one prompt (the new tokens only)."""
         x = np.asarray([ids], np.int64)
-        mask = np.ones_like(x)
         past = self.empty_past(1)
         out: list[int] = []
+        new = x.shape[1]
         for _ in range(max_new_tokens):
-            logits, past = self.forward(x, mask, past)
+            logits, past = self.extend(x, np.ones_like(x), past, new)
             tok = int(np.argmax(logits[0, -1]))
             out.append(tok)
             if eos_token_id is not None and tok == eos_token_id:
                 break
-            x = np.asarray([[tok]], np.int64)
-            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+            x = np.concatenate([x, np.asarray([[tok]], np.int64)], axis=1)
+            new = 1
         return out
 
 
@@ -116,12 +139,14 @@ class Batch:
         self._past = decoder.empty_past(len(prompts))
 
     def prefill(self) -> np.ndarray:
-        return self._run(self._ids)
+        return self._run(self._ids.shape[1])
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
-        return self._run(np.asarray(tokens, np.int64).reshape(-1, 1))
+        # every token is kept (a few bytes per step) in case the past must be recomputed
+        self._ids = np.concatenate([self._ids, np.asarray(tokens, np.int64).reshape(-1, 1)], axis=1)
+        return self._run(1)
 
-    def _run(self, ids: np.ndarray) -> np.ndarray:
-        logits, self._past = self.decoder.forward(ids, self.mask, self._past)
+    def _run(self, new: int) -> np.ndarray:
+        logits, self._past = self.decoder.extend(self._ids, self.mask, self._past, new)
         return logits[:, -1]

@@ -138,7 +138,7 @@ def test_kld_rows_in_run_eval_and_report(tmp_path, text_file):
     result = run_eval(cfg, show_progress=False)
     rows = {(r["label"], r["bits"]): r for r in result["rows"]}
     assert set(rows[("fp32", None)]) == {"dataset", "label", "format", "bits", "bits_per_weight", "ppl", "bpb",
-                                         "tokens", "bytes", "kld", "kld_p99", "top1"}
+                                         "tokens", "bytes", "kld", "kld_p99", "top1", "bos"}
     assert rows[("fp32", None)]["kld"] == 0.0 and rows[("fp32", None)]["top1"] == 1.0
     lo, hi = rows[("sefp-g64-trunc", 2)], rows[("sefp-g64-trunc", 8)]
     assert 0 < hi["kld"] < lo["kld"]

@@ -260,7 +260,7 @@ def _matmulnbits_session(B, scales, zero_points, K, N, bits, block):
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, N])],
         inits,
     )
-    # onnx 1.23 writes IR 14 by default; IR 10 / opset 21 is what ORT >= 1.20 reads (FACTS.md).
+    # onnx 1.23 writes IR 14 by default; IR 10 / opset 21 is what ORT >= 1.20 reads (docs/FACTS.md).
     model = helper.make_model(
         graph, ir_version=10,
         opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],

@@ -59,6 +59,8 @@ def test_runtime_loads_switches_and_generates_without_torch(tmp_path):
         assert rt.generate(["The quick brown fox", "A"], max_new_tokens=5)[0].token_ids == g8.token_ids
         assert len(g8.token_ids) == 5 and g3.token_ids != g8.token_ids
         assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
+        # layering: the runtime sits below the exporter and never imports it
+        assert not [m for m in sys.modules if m.startswith("otaro.export")], "runtime imported the exporter"
         print("ok")
         """
     )

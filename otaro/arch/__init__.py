@@ -7,13 +7,38 @@ names: modules, methods and the exporter ask the adapter.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from otaro.errors import UnsupportedArchitecture
 
 _LLAMA_LINEARS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """AWQ: ``linears`` (relative to a decoder layer) all read the output of ``prev``, so a
+    per-input-channel scale s can be folded exactly: prev's output divided by s, the linears'
+    input columns multiplied by s. ``prev`` is a norm (its weight, and bias, are divided; the
+    norm multiplies by ``norm_offset + weight``: Gemma's (1 + w) has offset 1) or a linear
+    whose output rows ``rows(config, out_features)`` (default: all) feed the linears, in their
+    input order (fused qkv / gate_up layouts). A group whose shapes do not match (GQA v -> o) or
+    whose fold does not leave the float block output unchanged is skipped, never forced."""
+
+    prev: str
+    linears: tuple[str, ...]
+    rows: Callable[[object, int], Sequence[int]] | None = None
+    norm_offset: float = 0.0
+
+
+# The standard decoder layout (Llama, Qwen2/3, Mistral, SmolLM3): the default of every adapter.
+LLAMA_SCALE_GROUPS = (
+    ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)),
+    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
 )
 
 
@@ -25,18 +50,44 @@ class ArchAdapter:
     linear_names: tuple[str, ...]  # linears to quantize, relative to one decoder layer
     tiny_config: Callable[[], object]  # 2-layer, hidden-64 config for tests (no download)
     prefix: str = "model."  # stripped from module names for per-layer precision patterns
+    # AWQ: which op feeds which linears (``ScaleGroup``); families that differ set their own.
+    scale_groups: tuple[ScaleGroup, ...] = LLAMA_SCALE_GROUPS
 
     def short_name(self, full_name: str) -> str:
         return full_name[len(self.prefix):] if full_name.startswith(self.prefix) else full_name
 
 
+@dataclass(frozen=True)
+class TinyModel:
+    """A tiny random model for tests and ``tiny-<name>``: each adapter's own config, plus variants
+    that exercise one more quirk of a family a user deploys (``llama3``: Llama 3.x rope scaling;
+    ``phi4-mini``: partial rotary, tied head, LongRoPE) without being another architecture."""
+
+    name: str
+    arch: str  # the adapter that serves it
+    config: Callable[[], object]
+    bos: bool = False  # its tokenizer (``tiny_tokenizer(bos=...)``) puts a BOS first, as the family's do
+
+
 ARCHS: dict[str, ArchAdapter] = {}
+TINY_MODELS: dict[str, TinyModel] = {}
 
 
-def register_arch(adapter: ArchAdapter) -> ArchAdapter:
+def register_tiny(tiny: TinyModel) -> TinyModel:
+    if tiny.name in TINY_MODELS:
+        raise ValueError(f"tiny model {tiny.name!r} registered twice")
+    if tiny.arch not in ARCHS:
+        raise ValueError(f"tiny model {tiny.name!r}: architecture {tiny.arch!r} is not registered")
+    TINY_MODELS[tiny.name] = tiny
+    return tiny
+
+
+def register_arch(adapter: ArchAdapter, *, tiny_bos: bool = False) -> ArchAdapter:
+    """Register ``adapter`` and its own tiny model (``tiny_bos``: see :class:`TinyModel`)."""
     if adapter.name in ARCHS:
         raise ValueError(f"architecture {adapter.name!r} registered twice")
     ARCHS[adapter.name] = adapter
+    register_tiny(TinyModel(adapter.name, adapter.name, adapter.tiny_config, tiny_bos))
     return adapter
 
 

@@ -18,25 +18,32 @@ SAMPLE_TEXT = (
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, init_std: float | None = None):
-    """A 2-layer random model of a registered architecture, in eval mode, fp32.
+    """A 2-layer random model of a registered tiny model (an architecture or a variant such as
+    ``llama3``; a ``model_type`` string picks that architecture's own), in eval mode, fp32.
 
     ``init_std`` re-draws every matrix from N(0, init_std²): with the configs' default (0.02)
     the embeddings dominate and greedy decoding just repeats a token, which makes token-level
-    comparisons (export validation) vacuous; 0.15 gives varied continuations."""
+    comparisons (export validation) vacuous; 0.15 gives varied continuations. An embedding that
+    scales its output (Gemma 3: by sqrt(hidden), ``embed_scale``) is drawn that much smaller, or
+    it would dominate again (every position would predict its own token through the tied head)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from otaro.arch import ARCHS, get_adapter
+    from otaro.arch import TINY_MODELS, get_adapter
 
-    adapter = ARCHS.get(arch) or get_adapter(arch)
+    tiny = TINY_MODELS.get(arch) or TINY_MODELS[get_adapter(arch).name]
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(adapter.tiny_config(), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny.config(), dtype=torch.float32)
     if init_std is not None:
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in model.parameters():
                 if p.dim() == 2:
                     p.copy_(torch.randn(p.shape, generator=gen) * init_std)
+            emb = model.get_input_embeddings()
+            scale = getattr(emb, "embed_scale", None)
+            if scale is not None:
+                emb.weight.div_(float(scale))
     return model.eval()
 
 
@@ -55,12 +62,20 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
-def tiny_tokenizer():
-    """A 320-token byte-level BPE tokenizer (fits every tiny model's vocabulary)."""
-    from tokenizers import Tokenizer
+def tiny_tokenizer(bos: bool = False):
+    """A 320-token byte-level BPE tokenizer (fits every tiny model's vocabulary).
+
+    ``bos=True``: it puts ``<|endoftext|>`` (id 0, also EOS and pad, as GPT-2's) before every
+    text encoded with special tokens, as Gemma's and Llama's tokenizers put their BOS; the
+    vocabulary is full, so the BOS cannot be a token of its own."""
+    from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
+    tok = Tokenizer.from_str(_tokenizer_json())
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|endoftext|> $A", pair="<|endoftext|> $A <|endoftext|> $B", special_tokens=[("<|endoftext|>", 0)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        tokenizer_object=tok,
         eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>",
     )

@@ -169,4 +169,7 @@ def _convert(gguf: Path, out: Path) -> int:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    from otaro.export.tokenizer_files import fix_tokenizer_folder
+
+    fix_tokenizer_folder(out)  # the GGUF loader's decoder chain misleads onnxruntime-genai's tokenizer
     return sum(p.numel() for p in model.parameters())

@@ -71,9 +71,13 @@ def score(model, windows: Windows, batch_size: int = 1, progress=None, reference
     shape to fill with this model's float32 log-softmax (how the reference log-probs are made)."""
     nll, count = 0.0, 0
     kls, top1s = [], []
+    device = next(model.parameters()).device
+    seq_len = windows.tokens.shape[1]
     for i in range(0, len(windows.tokens), batch_size):
-        batch = windows.tokens[i : i + batch_size].to(next(model.parameters()).device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        batch = windows.tokens[i : i + batch_size].to(device)
+        inputs = windows.model_inputs(i, i + batch_size).to(device)  # with the BOS first, if any
+        # the logits that predict tokens 1..seq_len-1 of each window (not the BOS position's)
+        logits = model(input_ids=inputs, use_cache=False).logits[:, -seq_len:-1].float()
         target = batch[:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
         nll += float(loss)

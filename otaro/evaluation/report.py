@@ -4,11 +4,12 @@ a second panel with KL divergence to the reference vs bits when it was measured)
 from __future__ import annotations
 
 import io
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from otaro.io import atomic_file, write_json
+from otaro.io import WRITE_ERRNOS, atomic_file, cannot_write, write_json
 
 
 def _row_key(row: dict) -> tuple:
@@ -27,6 +28,15 @@ def _fidelity_cells(r: dict | None) -> list[str]:
     return [f"{r['kld']:.4g}", f"{r['kld_p99']:.4g}", f"{100 * r['top1']:.2f}"]
 
 
+def _bos_line(rows: Sequence[dict]) -> str:
+    """Says whether the windows were read after the model's BOS (rows of older reports: nothing)."""
+    flags = {r["bos"] for r in rows if "bos" in r}
+    if not flags:
+        return ""
+    return ("windows read after the model's BOS (not scored)" if flags == {True}
+            else "windows read without a BOS (the tokenizer adds none)")
+
+
 def table(rows: Sequence[dict], title: str = ""):
     """A rich Table: one line per (format, bits), perplexity and bits/byte per text, and when a
     reference was measured its mean and 99th-percentile KLD (nats/token) and top-1 agreement (%)."""
@@ -34,6 +44,8 @@ def table(rows: Sequence[dict], title: str = ""):
 
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     fidelity = _has_kld(rows)
+    bos = _bos_line(rows)
+    title = "\n".join(x for x in (title, bos) if x)
     t = Table(title=title or None, show_lines=False)
     t.add_column("format")
     t.add_column("bits", justify="right")
@@ -125,7 +137,16 @@ def plot(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
 
 def save(report: dict, out_dir: str | Path, title: str = "") -> dict[str, Path]:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "eval.json", report)
-    png = plot(report["rows"], out_dir / "eval.png", title)
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "eval.json", report)
+        png = plot(report["rows"], out_dir / "eval.png", title)
+    except BaseException as e:
+        # A folder this call created holds nothing worth keeping if both files did not make it.
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            raise cannot_write(out_dir, e) from None
+        raise
     return {"json": out_dir / "eval.json", "png": png}

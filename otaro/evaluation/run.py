@@ -26,7 +26,7 @@ class EvalConfig:
     bits: tuple[int, ...] = ALL_BITS
     formats: tuple[str, ...] = ()  # quantize an unquantized model on the fly (RTN) in these formats
     baseline: bool = True  # also score the unquantized model (when it is not a checkpoint)
-    seq_len: int = 512
+    seq_len: int | None = None  # None: 512, or the model's maximum positions if smaller
     max_windows: int | None = 40
     batch_size: int = 1
     threads: int | None = None
@@ -39,7 +39,7 @@ class EvalConfig:
             raise OtaroError("give at least one text: --text FILE or --corpus NAME")
         for f in self.formats:
             get_format(f)
-        if self.seq_len < 2:
+        if self.seq_len is not None and self.seq_len < 2:
             raise OtaroError(f"--seq-len must be at least 2 (got {self.seq_len})")
         if self.max_windows is not None and self.max_windows < 1:
             raise OtaroError(f"--max-windows must be positive (got {self.max_windows})")
@@ -80,18 +80,18 @@ def _row(w, label, fmt, bits, bpw, s) -> dict:
     return {
         "dataset": w.name, "label": label, "format": None if fmt is None else fmt.name, "bits": bits,
         "bits_per_weight": bpw, "ppl": s.ppl, "bpb": s.bpb, "tokens": s.tokens, "bytes": s.bytes,
-        "kld": s.kld, "kld_p99": s.kld_p99, "top1": s.top1,
+        "kld": s.kld, "kld_p99": s.kld_p99, "top1": s.top1, "bos": w.bos_id is not None,
     }
 
 
 def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict:
-    from tqdm.auto import tqdm
-
     from otaro.evaluation import reference as refs
     from otaro.evaluation.data import make_windows, read_text
     from otaro.evaluation.metrics import score
     from otaro.modules import convert, set_precision
-    from otaro.sources import load_source
+    from otaro.progress import progress
+    from otaro.sources import fit_seq_len, load_source
+    from otaro.tokens import leading_bos
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -99,8 +99,12 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict:
     src = load_source(cfg.model)
     if src.tokenizer is None:
         raise OtaroError(f"{cfg.model} has no tokenizer; evaluation needs one")
-    plan = _plan(src.model, src.kind, cfg)
     max_pos = getattr(src.model.config, "max_position_embeddings", None)
+    seq_len = fit_seq_len(cfg.seq_len, src.model.config)
+    if cfg.seq_len is None and leading_bos(src.tokenizer) is not None and max_pos and seq_len >= max_pos:
+        seq_len = int(max_pos) - 1  # the default window leaves the model's BOS a position
+    cfg = dataclasses.replace(cfg, seq_len=seq_len)  # recorded as used
+    plan = _plan(src.model, src.kind, cfg)
     windows = [make_windows(src.tokenizer, text, cfg.seq_len, cfg.max_windows, label, max_pos) for label, text in texts]
     # a reference that does not fit fails here, before any window is scored
     ref = refs.resolve(cfg.reference, cfg.use_reference, src, cfg.model)
@@ -112,7 +116,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict:
     t0 = time.perf_counter()
     models: dict = {}  # format name -> converted model (the source model itself for a checkpoint)
     with contextlib.ExitStack() as stack, \
-            tqdm(total=total, desc="eval", unit="win", disable=not show_progress or None, leave=False) as bar:
+            progress(total=total, desc="eval", unit="win", enabled=show_progress) as bar:
         cache, ref_scores = None, None
         if ref.model is not None:
             bar.set_postfix_str(f"reference {ref.name}")
@@ -141,7 +145,10 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict:
         "otaro_eval": EVAL_CONFIG_VERSION,
         "config": asdict(cfg),
         "model": {"name": src.name, "kind": src.kind, "arch": src.model.config.model_type, "formats": fmt_names},
-        "windows": {w.name: {"count": len(w.tokens), "seq_len": cfg.seq_len, "text_tokens": w.total_tokens} for w in windows},
+        # bos: every window was read after the model's BOS (not scored; same windows and targets)
+        "bos": any(w.bos_id is not None for w in windows),
+        "windows": {w.name: {"count": len(w.tokens), "seq_len": cfg.seq_len, "text_tokens": w.total_tokens,
+                             "bos": w.bos_id is not None} for w in windows},
         "reference": {
             "model": ref.name, "origin": ref.origin, "note": ref.note,
             "ppl": None if ref_scores is None else {w.name: s.ppl for w, s in zip(windows, ref_scores)},

@@ -19,7 +19,7 @@ Each plane packs 8 consecutive ``in`` elements per byte, **element j of a byte a
 (``fmt.planes_read(b)`` of them: b for trunc, b+1 for nearest and midpoint, at most 8), so its
 memory traffic falls with b.
 
-**onnxruntime ``com.microsoft.MatMulNBits``** (FACTS.md). ``B`` is uint8
+**onnxruntime ``com.microsoft.MatMulNBits``** (docs/FACTS.md). ``B`` is uint8
 ``[N, K_p / block, block * c / 8]`` holding unsigned c-bit values packed low bits first (value
 ``k`` of a block at bits ``(k * c) % 8`` of byte ``k * c // 8``); ``scales`` are ``[N, blocks]``
 (ORT 1.32 also takes them flat, ``[N * blocks]``, as older consumers require: ``reshape(-1)``);

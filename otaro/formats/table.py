@@ -21,7 +21,7 @@ TOP_BITS = 8
 MIN_BITS = 2
 ALL_BITS: tuple[int, ...] = tuple(range(MIN_BITS, TOP_BITS + 1))
 GROUP_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
-# onnxruntime's MatMulNBits on CPU runs these containers (FACTS.md); a b-bit code rides in the
+# onnxruntime's MatMulNBits on CPU runs these containers (docs/FACTS.md); a b-bit code rides in the
 # smallest one that holds it.
 CONTAINERS: tuple[int, ...] = (2, 4, 8)
 # All-zero groups store this exponent and all-zero mantissas (int8 minimum, never a real E

@@ -22,6 +22,12 @@ class Method:
     # Whether the method optimises for target bit-widths (--bits with weights λ_b): multi-bit
     # SEFP selection does, with or without calibration data.
     target_bits: bool = False
+    # Multi-task methods (mlgptq, mlawq, ...): calibration data comes per task with its LoRA
+    # adapter (QuantizeConfig.tasks, --task NAME=ADAPTER:DATA) instead of --calib.
+    multi_task: bool = False
+    # after_save(model, checkpoint folder): extra outputs written next to the checkpoint
+    # (the multi-task AWQ methods write the rescaled adapters there).
+    after_save: Callable | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -42,3 +48,4 @@ def get_method(name: str) -> Method:
 
 
 from otaro.methods import gptq, int_quantizer, rtn, sefp_quantizer  # noqa: E402,F401  (registers)
+from otaro.methods import awq, multitask  # noqa: E402,F401  (registers)

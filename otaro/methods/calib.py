@@ -3,7 +3,9 @@
 * ``calibration_windows`` reads the same data specs as ``otaro finetune`` (``.txt``, ``.jsonl``,
   folders, saved datasets, ``corpus:NAME``), tokenizes them into one stream and draws
   ``n_samples`` non-overlapping windows of ``seq_len`` tokens with a seeded generator, so the
-  same data and seed give the same calibration set.
+  same data and seed give the same calibration set. A model that expects a BOS at every
+  sequence start (``otaro.tokens.leading_bos``) gets it first in every window, as in training
+  and evaluation: its layer inputs are calibrated on the sequences it actually sees.
 * ``sequential_quantize`` follows the original GPTQ driver: capture the inputs of decoder layer
   0, then per block accumulate each linear's Hessian from the block's current inputs, quantize
   the block's linears, and run the *quantized* block to make the next block's inputs (later
@@ -34,7 +36,9 @@ Stream = tuple[float, "int | None"]  # (weight λ_b, bit-width b; None = the lay
 
 def calibration_windows(tokenizer, specs: Sequence[str], n_samples: int, seq_len: int, seed: int = 0,
                         max_positions: int | None = None) -> torch.Tensor:
-    """``n_samples`` windows of ``seq_len`` token ids, int64 ``[n_samples, seq_len]``."""
+    """``n_samples`` windows of ``seq_len`` token ids, int64 ``[n_samples, seq_len]`` (the BOS
+    first, then ``seq_len - 1`` text tokens, when the model expects one)."""
+    from otaro.tokens import leading_bos
     from otaro.training.data import load_examples, token_stream
 
     if max_positions is not None and seq_len > max_positions:
@@ -46,19 +50,23 @@ def calibration_windows(tokenizer, specs: Sequence[str], n_samples: int, seq_len
     if eos_id is None:
         raise OtaroError("the tokenizer has no end-of-sequence token to separate calibration examples")
     ids, _ = token_stream(tokenizer, load_examples(list(specs)), eos_id)
-    need = n_samples * seq_len
+    bos = leading_bos(tokenizer)
+    body = seq_len - (bos is not None)  # text tokens per window
+    need = n_samples * body
     if len(ids) < need:
         raise OtaroError(f"calibration text has {len(ids)} tokens; need n_samples × seq_len = {n_samples} × "
-                         f"{seq_len} = {need}: lower --calib-samples/--calib-len or add text")
+                         f"{body} = {need}: lower --calib-samples/--calib-len or add text")
     stream = torch.frombuffer(ids, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
     # Cut the stream into consecutive windows from a seeded offset, then pick n_samples of them:
     # no window overlaps another, and every part of the text can be drawn.
-    n_windows = len(ids) // seq_len
-    offset = int(torch.randint(0, len(ids) - n_windows * seq_len + 1, (1,), generator=gen))
-    windows = stream[offset : offset + n_windows * seq_len].view(n_windows, seq_len)
+    n_windows = len(ids) // body
+    offset = int(torch.randint(0, len(ids) - n_windows * body + 1, (1,), generator=gen))
+    windows = stream[offset : offset + n_windows * body].view(n_windows, body)
     pick = torch.randperm(n_windows, generator=gen)[:n_samples]
-    return windows[pick].clone()
+    if bos is None:
+        return windows[pick].clone()
+    return torch.cat([torch.full((len(pick), 1), bos, dtype=torch.long), windows[pick]], dim=1)
 
 
 def check_calibration_specs(specs: Sequence[str]) -> None:

@@ -7,9 +7,11 @@ that the stored config matches (except the fields in ``RESUMABLE_CHANGES``).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from otaro.errors import FormatError, OtaroError
 from otaro.formats import ALL_BITS, DEFAULT_SEFP, get_format
+from otaro.io import refuse_output_over_inputs
 
 FINETUNE_CONFIG_VERSION = 1
 SCHEDULES = ("cosine", "linear", "constant")
@@ -42,7 +44,7 @@ class FinetuneConfig:
     laa_scale: float = 1.0
     # optimisation
     steps: int = 200
-    seq_len: int = 512
+    seq_len: int | None = None  # None: 512, or the model's maximum positions if smaller (set at load)
     batch_size: int = 8  # global batch (split across processes)
     lr: float = 2e-5
     schedule: str = "cosine"
@@ -79,13 +81,13 @@ class FinetuneConfig:
             if self.fixed_bits is None:
                 object.__setattr__(self, "fixed_bits", max(self.bits))
             fmt.check_bits(self.fixed_bits)
-        positive = {"steps": self.steps, "seq_len": self.seq_len, "batch_size": self.batch_size,
+        positive = {"steps": self.steps, "seq_len": 2 if self.seq_len is None else self.seq_len, "batch_size": self.batch_size,
                     "segment_len": self.segment_len, "laa_k": self.laa_k, "eval_every": self.eval_every,
                     "eval_batches": self.eval_batches, "save_every": self.save_every}
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise OtaroError(f"{name.replace('_', '-')} must be a positive integer (got {value!r})")
-        if self.seq_len < 2:
+        if self.seq_len is not None and self.seq_len < 2:
             raise OtaroError("seq-len must be at least 2")
         if not self.lr > 0:
             raise OtaroError(f"learning rate must be positive (got {self.lr})")
@@ -99,6 +101,12 @@ class FinetuneConfig:
             raise OtaroError(f"held-out fraction must be in [0, 0.5] (got {self.heldout_fraction})")
         if not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise OtaroError("min-lr-ratio must be in [0, 1]; warmup, grad-clip and weight-decay must be >= 0")
+        # The checkpoint and its run folder are replaced by --overwrite: neither may be (or hold)
+        # the model or the training data.
+        inputs = [self.model, *(d for d in self.data if not str(d).startswith("corpus:"))]
+        out = Path(self.output).resolve()
+        for path in (out, out.with_name(out.name + ".run")) if out.name else (out,):
+            refuse_output_over_inputs(path, inputs)
 
     @property
     def trained_bits(self) -> tuple[int, ...]:

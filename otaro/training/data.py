@@ -15,7 +15,9 @@ The pipeline, and why each step is the way it is:
   boundaries (the usual causal-LM packing; the EOS marks the boundary). Labels are aligned with
   the inputs, Hugging Face style: ``labels[t] == input_ids[t]`` and the model shifts them
   internally; prompt tokens of prompt/response examples get ``-100`` so only the response (and
-  its EOS) is learned.
+  its EOS) is learned. A model that expects a BOS at every sequence start (its tokenizer adds
+  one, ``otaro.tokens.leading_bos``) gets it first in every block, then ``seq_len - 1`` tokens
+  of the stream: it is trained on sequences shaped like the ones it was pre-trained on.
 * **Splits** (``build_splits``) hold out whole examples, chosen by a seeded shuffle, so no
   held-out paragraph is ever seen in training, and the same data and seed give the same split.
 * **Batch order** (``BatchOrder``) is a seeded permutation per epoch over the train blocks,
@@ -332,9 +334,11 @@ def pack(tokenizer, examples: Sequence[Example], seq_len: int, eos_id: int) -> P
 
     The tail shorter than a block is dropped (no padding: every position trains).
     """
+    from otaro.tokens import leading_bos
+
     _check_seq_len(seq_len)
     ids, labels = token_stream(tokenizer, examples, eos_id)
-    return _blocks(ids, labels, seq_len)
+    return _blocks(ids, labels, seq_len, leading_bos(tokenizer))
 
 
 def token_stream(tokenizer, examples: Sequence[Example], eos_id: int) -> tuple[array, array]:
@@ -371,14 +375,21 @@ def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
     return out["input_ids"]
 
 
-def _blocks(ids: array, labels: array, seq_len: int) -> PackedBlocks:
-    n = len(ids) // seq_len
+def _blocks(ids: array, labels: array, seq_len: int, bos_id: int | None = None) -> PackedBlocks:
+    """Full blocks of ``seq_len``: ``bos_id`` (if given) then ``seq_len - 1`` stream tokens."""
+    body = seq_len - (bos_id is not None)
+    n = len(ids) // body
     if n == 0:
         empty = torch.empty((0, seq_len), dtype=torch.long)
         return PackedBlocks(empty, empty.clone())
 
     def cut(values: array) -> torch.Tensor:
-        return torch.frombuffer(values, dtype=torch.long)[: n * seq_len].clone().view(n, seq_len)
+        rows = torch.frombuffer(values, dtype=torch.long)[: n * body].clone().view(n, body)
+        if bos_id is None:
+            return rows
+        # The BOS label is the BOS itself (labels stay aligned with inputs); the model's shift
+        # never makes position 0 a target, so it costs no loss and needs no -100.
+        return torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), rows], dim=1)
 
     return PackedBlocks(cut(ids), cut(labels))
 
@@ -437,20 +448,26 @@ def build_splits(tokenizer, paths: Sequence[str], seq_len: int, heldout_fraction
                          f"add data or use a held-out fraction of 0")
     train, train_stats = _pack_side(tokenizer, [examples[i] for i in train_idx], seq_len, eos_id, "")
     held, held_stats = _pack_side(tokenizer, [examples[i] for i in held_idx], seq_len, eos_id, "held-out ")
+    from otaro.tokens import leading_bos
+
     stats = {"seq_len": seq_len, "heldout_fraction": heldout_fraction, "seed": seed,
+             "bos": leading_bos(tokenizer) is not None,  # every block starts with the model's BOS
              "train": train_stats, "heldout": held_stats}
     return Splits(train, held, stats)
 
 
 def _pack_side(tokenizer, examples: list[Example], seq_len: int, eos_id: int,
                label: str) -> tuple[PackedBlocks, dict]:
+    from otaro.tokens import leading_bos
+
     ids, labels = token_stream(tokenizer, examples, eos_id)
-    blocks = _blocks(ids, labels, seq_len)
+    bos = leading_bos(tokenizer)
+    blocks = _blocks(ids, labels, seq_len, bos)
     if examples and len(blocks) == 0:
         raise OtaroError(f"data too small: {len(ids)} {label}tokens for blocks of {seq_len}; "
                          f"lower --seq-len or add data")
     stats = {"examples": len(examples), "tokens": len(ids), "blocks": len(blocks),
-             "dropped_tokens": len(ids) - len(blocks) * seq_len,
+             "dropped_tokens": len(ids) - len(blocks) * (seq_len - (bos is not None)),
              "masked_fraction": blocks.masked_fraction}
     return blocks, stats
 

@@ -51,6 +51,12 @@ def body_and_head(model) -> tuple[nn.Module, nn.Module]:
     registered architecture keeps them (``model`` + ``lm_head``; GPT-NeoX: ``gpt_neox`` +
     ``embed_out``); a tied head is the embedding matrix, used as is."""
     body, head = getattr(model, "base_model", None), model.get_output_embeddings()
+    if body is model:
+        # Gemma 3's text model declares no base_model_prefix (its multimodal sibling owns
+        # "model"): the adapter's module prefix names the body instead.
+        from otaro.arch import get_adapter
+
+        body = model.get_submodule(get_adapter(model).prefix.rstrip("."))
     if body is None or body is model or head is None:
         raise OtaroError(f"{type(model).__name__}: cannot find the decoder body and LM head for the chunked loss")
     return body, head

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from otaro.errors import OtaroError
-from otaro.io import atomic_dir, write_json
+from otaro.io import atomic_dir, os_errors_of_safetensors, write_json
 
 # 2: LAA keeps a running *mean* of low-bit gradients in p.grad and updates every step; a
 # version-1 state holds an un-applied *sum* from the old delayed-update rule, so it is refused.
@@ -73,7 +73,7 @@ def save_state(run_dir: Path, *, model, optimizer, trainer: dict, grads: dict[in
         return target
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     rng_tensors, rng_meta = _rng_state()
-    with atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, overwrite=True) as tmp, os_errors_of_safetensors():
         save_model(model, str(tmp / "model.safetensors"))  # handles tied tensors
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng_tensors, str(tmp / "rng.safetensors"))

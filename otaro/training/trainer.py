@@ -15,6 +15,7 @@ seeds the path identically.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 import warnings
@@ -25,6 +26,7 @@ import torch
 
 from otaro.errors import OtaroError
 from otaro.training.config import FinetuneConfig
+from otaro.training.estimate import human_seconds
 
 
 def run_dir_for(output: str | Path) -> Path:
@@ -110,7 +112,7 @@ def _prepare(cfg: FinetuneConfig, show_progress: bool) -> _Run:
 
     _check_device(cfg)
     # cpu=True on a machine without CUDA: otherwise accelerate does not start gloo under
-    # torchrun and every process would train alone (FACTS.md).
+    # torchrun and every process would train alone (docs/FACTS.md).
     # AcceleratorState is a process-wide singleton that refuses a second run with another
     # mixed precision; reset it (not the process group) so finetune() can be called repeatedly
     # from one Python process (benchmarks, notebooks). accelerate's own tests do the same.
@@ -127,6 +129,10 @@ def _prepare(cfg: FinetuneConfig, show_progress: bool) -> _Run:
     if src.tokenizer is None:
         raise OtaroError(f"{cfg.model} has no tokenizer; fine-tuning needs one to read the data")
     model = src.model
+    from otaro.sources import fit_seq_len
+
+    # the default window fits the model; the resolved value is what config.json and --resume see
+    cfg = dataclasses.replace(cfg, seq_len=fit_seq_len(cfg.seq_len, model.config))
     memory_estimate = _check_memory(cfg, model, accelerator)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     splits = build_splits(src.tokenizer, cfg.data, cfg.seq_len, cfg.heldout_fraction, cfg.seed, max_pos)
@@ -299,6 +305,20 @@ def _resume(run: _Run, run_dir: Path) -> None:
                 p.grad = grads[n].to(p.device, p.dtype)
 
 
+def _plan_line(run: _Run) -> str:
+    """One line before the first step: work, estimated peak memory and a rough time."""
+    from otaro.training.estimate import estimate_time
+
+    cfg, acc = run.cfg, run.accelerator
+    left = cfg.steps - run.step
+    est = estimate_time(run.raw, steps=left, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                        num_processes=acc.num_processes, distill=cfg.distill > 0, device=acc.device)
+    mem = f"{run.memory_estimate.total / 2**30:.1f} GiB" if run.memory_estimate else "not estimated"
+    return (f"finetune: {left} steps x {cfg.batch_size} x {cfg.seq_len} tokens on {acc.num_processes} process(es); "
+            f"peak memory ~{mem} per process; time ~{human_seconds(est.total_seconds)} "
+            f"({human_seconds(est.seconds_per_step)}/step; rough: FLOPs at this machine's measured matmul speed)")
+
+
 def _check_output(cfg: FinetuneConfig, run_dir: Path) -> None:
     from otaro.training.state import read_trainer_json
 
@@ -307,23 +327,62 @@ def _check_output(cfg: FinetuneConfig, run_dir: Path) -> None:
         raise OtaroError(f"output folder {out} already exists (pass --overwrite to replace it)")
     if not cfg.resume and not cfg.overwrite and read_trainer_json(run_dir) is not None:
         raise OtaroError(f"{run_dir} holds an unfinished run: pass --resume to continue it or --overwrite to restart")
+    from otaro.io import check_writable_output
+
+    check_writable_output(out)  # hours of training must not end in "permission denied"
+    check_writable_output(run_dir)
+
+
+def _left_behind(cfg: FinetuneConfig, started: float) -> str:
+    """What an interrupted run leaves on disk, for the CLI's "interrupted: ..." line."""
+    from otaro.training.state import read_trainer_json
+
+    out, run_dir = Path(cfg.output), run_dir_for(cfg.output)
+    manifest = out / "otaro.json"
+    if manifest.is_file() and manifest.stat().st_mtime >= started:
+        return f"{out} was written; {run_dir}/training.png was not"
+    try:
+        state = read_trainer_json(run_dir) is not None
+    except OtaroError:
+        state = False
+    if state:
+        return f"{run_dir}/ holds the state to --resume; no checkpoint was written"
+    if run_dir.is_dir():
+        return f"no checkpoint was written; {run_dir}/ holds no resumable state yet (start again with --overwrite)"
+    return "no output was written"
 
 
 def finetune(cfg: FinetuneConfig, show_progress: bool = True, stop_after: int | None = None) -> Path | None:
     """Run (or resume) the fine-tuning and write the SEFP checkpoint; returns its path.
 
+    Ctrl-C / SIGTERM raise :class:`~otaro.errors.Interrupted` saying what was left on disk (the
+    run folder is written as training goes, unlike the atomic checkpoint)."""
+    from otaro.errors import Interrupted
+
+    started = time.time()
+    try:
+        return _finetune(cfg, show_progress, stop_after)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt as e:
+        raise Interrupted(_left_behind(cfg, started)) from e
+
+
+def _finetune(cfg: FinetuneConfig, show_progress: bool = True, stop_after: int | None = None) -> Path | None:
+    """Run (or resume) the fine-tuning and write the SEFP checkpoint; returns its path.
+
     ``stop_after`` ends the process's work after that many steps without writing the final
     checkpoint (state is saved first): tests use it to simulate an interrupted run.
     """
-    from tqdm.auto import tqdm
-
     from otaro import checkpoint
     from otaro.io import write_json
+    from otaro.progress import progress
     from otaro.training.report import JsonlLog, plot_training, read_log
 
     run_dir = run_dir_for(cfg.output)
     _check_output(cfg, run_dir)
     run = _prepare(cfg, show_progress)
+    cfg = run.cfg  # with the window length resolved against the model
     acc = run.accelerator
     if cfg.resume:
         _resume(run, run_dir)
@@ -333,13 +392,24 @@ def finetune(cfg: FinetuneConfig, show_progress: bool = True, stop_after: int | 
     log = JsonlLog(run_dir / "log.jsonl", acc.is_main_process, truncate_after_step=run.step if cfg.resume else None)
     ema: dict[int, float] = {}
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=run.step, desc="finetune", unit="step",
-               disable=not (show_progress and acc.is_main_process) or None)
+    bar = progress(total=cfg.steps, initial=run.step, desc="finetune", unit="step",
+                   enabled=show_progress and acc.is_main_process)
+    say = bar.write if show_progress and acc.is_main_process else (lambda msg: None)
+    if run.step < cfg.steps:
+        say(_plan_line(run))
+    first_step_at = None
     if run.step == 0:
         log.write({"step": 0, "eval": evaluate(run)})  # the starting point of every curve
     with bar:
         while run.step < cfg.steps:
+            step_t0 = time.perf_counter()
             rec = train_step(run)
+            if first_step_at is None:
+                first_step_at = time.perf_counter() - step_t0
+                left = cfg.steps - run.step
+                if left:
+                    say(f"finetune: step {run.step} took {human_seconds(first_step_at)}: about "
+                        f"{human_seconds(first_step_at * left)} for the {left} steps left (plus evaluations)")
             ema[rec["bits"]] = rec["loss"] if rec["bits"] not in ema else 0.9 * ema[rec["bits"]] + 0.1 * rec["loss"]
             log.write({**rec, "time": round(time.perf_counter() - t0, 3)})
             bar.update(1)
