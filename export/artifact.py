@@ -324,7 +324,7 @@ class _Exporter:
 
     # -- step 4 -------------------------------------------------------------------------
     def validate(self, out: Path, variants: list[dict]) -> dict:
-        from tqdm.auto import tqdm
+        from otaro.progress import progress
 
         cfg = self.cfg
         prompt = validate.prompt_ids(self.tokenizer, int(self.hf_config["vocab_size"]))
@@ -333,11 +333,14 @@ class _Exporter:
             model = self.model if v["kind"] == "sefp-fixed" else self.sources[v["name"]][0]
             jobs.append((v["name"], out / v["path"] / "model.onnx", model, v["bits"], False))
         checks = []
-        for name, path, model, b, sefp_bits in tqdm(jobs, desc="validating", unit="model", leave=False):
-            if hasattr(model, "set_precision") and model.otaro.fmt.family == "sefp":
-                model.set_precision(b)
-            checks.append(validate.check(name, path, model, b, prompt, cfg.validate_tokens, cfg.accuracy_level,
-                                         sefp_bits=sefp_bits, threads=cfg.threads))
+        with progress(total=len(jobs), desc="validating", unit="model") as bar:
+            for name, path, model, b, sefp_bits in jobs:
+                if hasattr(model, "set_precision") and model.otaro.fmt.family == "sefp":
+                    model.set_precision(b)
+                bar.set_postfix_str(f"{name} b={b}")
+                checks.append(validate.check(name, path, model, b, prompt, cfg.validate_tokens, cfg.accuracy_level,
+                                             sefp_bits=sefp_bits, threads=cfg.threads))
+                bar.update(1)
         if hasattr(self.model, "set_precision"):
             self.model.set_precision(self.default_bits)
         failed = [c for c in checks if not c.passed]

@@ -443,7 +443,9 @@ def export(checkpoint, output, fmt, variants, default_bits, accuracy_level, vali
 from otaro.runtime.run_cli import run as _run  # noqa: E402  (click only; the runtime loads when it runs)
 
 cli.add_command(_run)
-_not_built("profile", "latency and memory per bit-width per device.")
+from otaro.profiling.cli import profile as _profile  # noqa: E402  (click only, like `run`)
+
+cli.add_command(_profile)
 
 
 def main():

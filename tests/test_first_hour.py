@@ -86,6 +86,13 @@ def test_time_estimate_scales_with_the_work():
     assert a.total_seconds == pytest.approx(10 * a.seconds_per_step)
     assert human_seconds(0.2) == "<1 s" and human_seconds(30) == "30 s" and human_seconds(600) == "10 min"
     assert human_seconds(7200) == "2.0 h"
+    assert a.quantize_seconds_per_step == 0.0  # a float model fake-quantizes nothing
+    from otaro.modules import convert
+
+    q = estimate_time(convert(tiny_model("llama"), "ssfp-g64-nearest", packed=False), steps=10, batch_size=2,
+                      seq_len=64)
+    assert q.quantize_seconds_per_step > 0  # measured on the model's own largest layer
+    assert q.seconds_per_step > q.quantize_seconds_per_step
 
 
 def test_finetune_prints_its_plan_and_fits_the_tiny_model(tmp_path, monkeypatch):
