@@ -71,26 +71,52 @@ def markdown(r: dict) -> str:
     for b in (4, 8):
         if b in rows and rows[b]["prediction_error"] is not None:
             e = rows[b]["prediction_error"]
-            verdict.append(f"b = {b}: measured {rows[b]['decode_tps']['median']:.1f} tok/s vs predicted "
+            best = rows[b]["decode_tps"]["max"] / rows[b]["predicted_decode_tps"] - 1
+            verdict.append(f"b = {b}: measured {rows[b]['decode_tps']['median']:.1f} tok/s (median; best repeat "
+                           f"{rows[b]['decode_tps']['max']:.1f}, {best:+.0%}) vs predicted "
                            f"{rows[b]['predicted_decode_tps']:.1f} ({e:+.0%}, {'within' if abs(e) <= GOAL else 'outside'} "
                            f"the ±{GOAL:.0%} goal)")
     out += ["", "**Goal** (prediction within 30% of the measurement for decode at b = 4 and 8): " + "; ".join(verdict) + "."]
     fit, m = r.get("decode_fit"), r["machine"]
     why = []
+    read = r["bandwidth"]["read_gbs"]
+    if fit and not fit["bandwidth_gbs"]:
+        why.append("the decode times do not grow with the bytes read across the bit-widths (no positive slope): "
+                   "noise from other processes swamped the bandwidth signal in this run")
     if fit and fit["bandwidth_gbs"]:
-        why.append(f"across the bit-widths the decode time per token fits bytes / {fit['bandwidth_gbs']:.1f} GB/s + "
-                   f"{fit['overhead_s'] * 1e3:.1f} ms (R² {fit['r2']:.2f}): the weights stream at close to the "
-                   f"measured {r['bandwidth']['read_gbs']:.1f} GB/s, and the rest is a fixed per-token cost "
-                   f"(≈{fit['overhead_s'] * rows[8]['decode_tps']['median']:.0%} of a b = 8 token) that a pure "
-                   f"bandwidth roofline does not model: onnxruntime's per-node dispatch, the int8 "
-                   f"quantization of activations (accuracy level 4), attention, the fp32 head's 28 M MACs")
+        ratio = fit["bandwidth_gbs"] / read
+        frac = fit["overhead_s"] * rows[8]["decode_tps"]["median"] if 8 in rows else None
+        text = (f"across the bit-widths the decode time per token fits bytes / {fit['bandwidth_gbs']:.1f} GB/s + "
+                f"{fit['overhead_s'] * 1e3:.1f} ms (R² {fit['r2']:.2f}): the weights stream at {ratio:.0%} of the "
+                f"{read:.1f} GB/s the micro-benchmark read with the same threads")
+        if frac is not None:
+            text += f", and {frac:.0%} of a b = 8 token is a fixed cost that does not scale with the bytes"
+        if ratio < 0.5:
+            text += (" — so decode is not bandwidth-bound here: it is limited by compute (onnxruntime's int8 "
+                     "MatMulNBits kernels unpack the codes and quantize the activations, accuracy level 4, on "
+                     f"{m['cpus']} cores) and by the CPU time other processes take, which a bandwidth roofline does "
+                     f"not model")
+        else:
+            text += (" — the rest is per-token work a bandwidth roofline does not model (onnxruntime's per-node "
+                     "dispatch, activation quantization, attention, the fp32 head's 28 M multiply-adds)")
+        why.append(text)
     load = m.get("load_average_start"), m.get("load_average_end")
     if load[0] and m.get("cpus") and max(load[0][0], (load[1] or [0])[0]) > 0.5 * m["cpus"]:
         why.append(f"the machine was shared (load average {load[0][0]} → {(load[1] or ['?'])[0]} on {m['cpus']} CPUs): "
-                   f"other processes took CPU time from both the bandwidth test and the decode loop, more from the "
-                   f"latter (it needs both cores, the bandwidth test is saturated by one)")
+                   f"with another process on a core, onnxruntime's {r['config']['threads']} intra-op threads wait for "
+                   f"each other at every node, while the bandwidth test is saturated by one core")
     if why:
         out += ["", "Where measurement and prediction differ: " + "; ".join(why) + "."]
+    one = r.get("single_thread")
+    if one:
+        cells = []
+        for row in one["rows"]:
+            cells.append(f"b = {row['bits']}: {row['decode_tps']['median']:.1f} tok/s [{row['decode_tps']['min']:.1f}–"
+                         f"{row['decode_tps']['max']:.1f}] vs predicted {row['predicted_decode_tps']:.1f} "
+                         f"({row['prediction_error']:+.0%})")
+        out += ["", f"The same decode with 1 onnxruntime thread (bandwidth re-measured with 1 thread: "
+                    f"{one['bandwidth']['read_gbs']:.1f} GB/s; load average {one['machine']['load_average_start']}): "
+                    + "; ".join(cells) + "."]
     lm = rows[8]["bytes_per_token"] if 8 in rows else None
     if lm:
         out += ["", f"Why b = 2 is not 4× faster than b = 8: per token the runtime reads "
@@ -104,6 +130,20 @@ def markdown(r: dict) -> str:
     return "\n".join(out)
 
 
+def wait_idle(limit_s: float) -> None:
+    """On a shared machine, start when the 1-minute load average is below half the cores (at
+    most ``limit_s`` seconds of waiting); the report records the load either way."""
+    import time
+
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        load = os.getloadavg()[0]
+        if load < 0.5 * (os.cpu_count() or 1):
+            return
+        print(f"waiting for a quieter machine: load average {load:.2f} on {os.cpu_count()} CPUs", flush=True)
+        time.sleep(20)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -112,6 +152,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--save-device", default="build-machine-epyc-2cpu",
                     help="name of this machine's measured profile written into devices/profiles/")
+    ap.add_argument("--wait-idle", type=float, default=600,
+                    help="seconds to wait at most for the load average to drop below half the cores")
     args = ap.parse_args()
 
     from otaro.devices import save_profile, shipped_dir
@@ -119,10 +161,16 @@ def main() -> None:
     from otaro.profiling.measure import ProfileConfig, run_profile
     from otaro.profiling.report import plot, validate_report
 
+    wait_idle(args.wait_idle)
     gguf = source_gguf()
     cfg = ProfileConfig(artifact(), bits=BITS, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats,
                         threads=args.threads, predict=("all",), ggufs=(gguf,) if gguf else ())
     report = validate_report(run_profile(cfg))
+    if (args.threads or 1) > 1:  # the same decode on one thread: how much of the gap is thread contention
+        one = ProfileConfig(cfg.artifact, bits=(4, 8), prompt_len=args.prompt_len, gen_len=args.gen_len,
+                            repeats=args.repeats, threads=1, switch_matrix=False, competitors=False, verify=False)
+        single = validate_report(run_profile(one))
+        report["single_thread"] = {k: single[k] for k in ("rows", "bandwidth", "machine", "decode_fit")}
     bw = report["bandwidth"]
     b = Bandwidth(bw["read_gbs"], bw["copy_gbs"], tuple(bw["read_runs_gbs"]), bw["working_set_bytes"], bw["threads"],
                   bw["repeats"], bw["matmul_gflops"], bw["matmul_n"])

@@ -194,6 +194,11 @@ def test_the_per_bit_file_runs_like_the_runtime(artifact, tmp_path):
     dec = Decoder(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]))
     ids = list(range(3, 12))
     np.testing.assert_array_equal(dec.prompt_logits(ids), rt.logits(ids))
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph  # the tied head is a Transpose again: stored once
+    assert any(n.op_type == "Transpose" and n.input[0] == "model.embed_tokens.weight" for n in g.node)
+    assert not [t for t in g.initializer if list(t.dims) == [64, 320]]
 
 
 def test_single_bit_width_without_extras(artifact):

@@ -101,7 +101,8 @@ def measured_profile(name: str, bw: Bandwidth, title: str | None = None, backend
         name=name, title=title or f"this machine: {cpu} ({os.cpu_count()} CPUs)", kind="cpu", preferred_backend=backend,
         memory_bandwidth_gbs=Spec(round(bw.read_gbs, 3), f"{where}, read of a {bw.working_set_bytes / 2**30:g} GiB "
                                                         f"working set, best of {bw.repeats}; copy {bw.copy_gbs:.1f} GB/s)"),
-        memory_gib=Spec(round(mem / 2**30, 2), f"{where}: MemTotal of /proc/meminfo)") if mem
+        memory_gib=Spec(round(mem / 2**30, 2), f"read on {now[:10]}: the system's total memory (/proc/meminfo "
+                                               f"MemTotal)") if mem
         else Spec(1, "unknown: this system does not report its memory size", True),
         compute_tops=compute or {"fp32": Spec(1e-3, "unknown: matmul not measured", True)},
         notes="Sustained read bandwidth of this machine as measured, not a spec-sheet peak.",

@@ -47,6 +47,7 @@ def write_fixed_model(master, bits: int, backend, dest: Path, threads: int | Non
                             backend.accuracy_level, pool)
     proto = onnx.ModelProto()
     proto.ParseFromString(built.model)
+    _retie_heads(proto, built.shared, built.files)
     dest.mkdir(parents=True, exist_ok=True)
     offset = 0
     with open(dest / "model.onnx_data", "wb") as f:
@@ -69,6 +70,43 @@ def write_fixed_model(master, bits: int, backend, dest: Path, threads: int | Non
             offset += buf.nbytes
     (dest / "model.onnx").write_bytes(proto.SerializeToString())
     return dest / "model.onnx"
+
+
+def _retie_heads(proto, shared: dict, files: dict) -> None:
+    """The runtime keeps a tied head as its own transposed array (``Master._share_transposed_heads``:
+    one transpose per process instead of one per session), described by an initializer that
+    points at the embedding's bytes. On disk it becomes ``Transpose(embedding)`` again, as the
+    exporter writes it, so a per-bit file stores the embedding once, like a competitor's file."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    g = proto.graph
+    where: dict[tuple, list] = {}
+    for t in g.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            ext = {e.key: e.value for e in t.external_data}
+            where.setdefault((ext.get("location"), ext.get("offset", "0"), ext.get("length")), []).append(t)
+
+    def stored(t, location) -> bool:  # its value is the file's bytes (not a transposed copy of them)
+        return t.name not in shared or np.shares_memory(shared[t.name], files[location])
+
+    drop, nodes = set(), []
+    for (location, _, _), ts in where.items():
+        for t in ts:
+            if len(t.dims) != 2 or stored(t, location):
+                continue
+            src = next((o for o in ts if o is not t and stored(o, location) and list(o.dims) == list(t.dims)[::-1]),
+                       None)
+            if src is not None:
+                drop.add(t.name)
+                nodes.append(helper.make_node("Transpose", [src.name], [t.name], name=f"{t.name}/tied_transpose",
+                                              perm=[1, 0]))
+    if drop:
+        keep = [t for t in g.initializer if t.name not in drop]
+        g.ClearField("initializer")
+        g.initializer.extend(keep)
+        for i, n in enumerate(nodes):  # first: they read initializers only
+            g.node.insert(i, n)
 
 
 def evict_page_cache(files) -> bool:

@@ -383,6 +383,8 @@ def _notes(shape, bits, containers, backend: str) -> list[str]:
     notes.append("bytes per token: quantized codes + fp32 scales in the container the backend runs, every float "
                  "tensor read in full (the fp32 LM head dominates small models), one embedding row, and the KV "
                  "cache at the mean decode position")
+    notes.append("a roofline is an upper bound: it leaves out per-token fixed costs (per-node dispatch on CPUs, kernel "
+                 "launches on GPUs), which dominate small models on fast devices long before bandwidth does")
     return notes
 
 

@@ -90,6 +90,10 @@ def _num(x, fmt="{:.1f}") -> str:
     return "—" if x is None else fmt.format(x)
 
 
+def _tps(x) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
 def _pct(x) -> str:
     return "—" if x is None else f"{x:+.0%}"
 
@@ -146,11 +150,19 @@ def measured_tables(r: dict) -> list[str]:
         ours = {row["bits"]: row for row in r["rows"]}
         out += ["", "The competitors' way (llama.cpp, onnxruntime-genai, ExecuTorch): one file per precision, "
                     "switch = a new onnxruntime session on another file.", "",
-                "| b | file | disk MiB | reload warm s | reload cold s | otaro switch, cold s | otaro switch, warm |",
+                "| b | file | disk MiB | reload warm s | reload cold s | otaro switch into b, cold s (median) | otaro switch, warm |",
                 "|---|---|---|---|---|---|---|"]
         warm_med = sw["warm_median_s"] if sw else None
+        into = {}  # median cold switch into each b, from the matrix (the per-bit row's one switch otherwise)
+        if sw and len(sw["bits"]) > 1:
+            import statistics
+
+            for j, b in enumerate(sw["bits"]):
+                into[b] = statistics.median(row[j] for i, row in enumerate(sw["cold_s"]) if i != j)
         for f in comp["files"]:
             o = ours.get(f["bits"]) if f["kind"] == "per-bit SEFP file" else None
+            if o:
+                o = dict(o, switch_s=into.get(f["bits"], o["switch_s"]))
             cold = f.get("load_cold_s")
             cold_txt = _num(cold, "{:.2f}") + ("" if f.get("cold_evicted", True) else " (cache not evictable)")
             out.append(f"| {f['bits']} | {f['kind']} ({f['source']}) | {_mib(f['disk_bytes'])} | "
@@ -174,16 +186,22 @@ def measured_tables(r: dict) -> list[str]:
 def prediction_tables(preds: list[dict]) -> list[str]:
     if not preds:
         return []
-    out = ["", "**Predicted** (roofline from the device profile, not measured; `~` = a derived or unofficial number):",
-           "", "| device | backend | GB/s | b | container | decode tok/s | bound | prefill ms | runtime footprint GiB | "
-               "memory GiB | fits |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    bits = [row["bits"] for row in preds[0]["rows"]]
+    out = ["", "**Predicted** decode tokens/s (roofline from the device profile, not measured; `~` = a derived or "
+               "unofficial number; container bits in brackets):", "",
+           "| device | backend | GB/s | " + " | ".join(f"b={b}" for b in bits) + " | bound | prefill ms (b="
+           f"{bits[-1]}) | runtime footprint GiB (b={bits[-1]}) | memory GiB | fits |",
+           "|---" * (len(bits) + 8) + "|"]
     for p in preds:
-        for row in p["rows"]:
-            bwl = ("~" if p["bandwidth_uncertain"] else "") + f"{p['bandwidth_gbs']:g}"
-            out.append(f"| {p['device']} | {p['backend']} | {bwl} | {row['bits']} | {row['container_bits'] or 'fp32'} | "
-                       f"{row['decode_tps']:.1f} | {row['bound']} | {_ms(row['prefill_s'])} | "
-                       f"{row['footprint']['runtime'] / 2**30:.2f} | {p['memory_gib']:g} | "
-                       f"{'yes' if row['fits'] else 'no' if row['fits'] is not None else '?'} |")
+        rows = p["rows"]
+        last = rows[-1]
+        fits = {r["fits"] for r in rows}
+        fit = "yes" if fits == {True} else "no" if fits == {False} else "?" if None in fits else "some b"
+        bwl = ("~" if p["bandwidth_uncertain"] else "") + f"{p['bandwidth_gbs']:g}"
+        cells = [f"{_tps(r['decode_tps'])} [{r['container_bits'] or 'fp32'}]" for r in rows]
+        out.append(f"| {p['device']} | {p['backend']} | {bwl} | " + " | ".join(cells) + f" | "
+                   f"{'/'.join(sorted({r['bound'] for r in rows}))} | {_ms(last['prefill_s'])} | "
+                   f"{last['footprint']['runtime'] / 2**30:.2f} | {p['memory_gib']:g} | {fit} |")
     return out
 
 
@@ -206,8 +224,13 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    if report["mode"] == "measured":
+    measured = report["mode"] == "measured"
+    preds = report.get("predictions") or []
+    panels = int(measured) + int(bool(preds)) + 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5))
+    axes = list(axes) if panels > 1 else [axes]
+    if measured:
+        a1 = axes.pop(0)
         rows = report["rows"]
         x = [r["bits"] for r in rows]
         med = [r["decode_tps"]["median"] for r in rows]
@@ -221,27 +244,30 @@ def plot(report: dict, path: Path) -> None:
         if be and be["device"] != "this-machine":
             a1.plot([r["bits"] for r in be["rows"]], [r["decode_tps"] for r in be["rows"]], "s:",
                     label=f"predicted ({be['device']})")
-        a1.set_title("decode tokens/s vs bits (batch 1) on this machine")
+        a1.set(title="decode tokens/s vs bits (batch 1), this machine", xlabel="bits", ylabel="tokens/s")
         a1.set_ylim(bottom=0)
-    for p in report.get("predictions") or []:
-        a1.plot([r["bits"] for r in p["rows"]], [r["decode_tps"] for r in p["rows"]], ".:",
-                label=f"predicted: {p['device']}")
-    if report["mode"] == "predicted":
-        a1.set_yscale("log")
-        a1.set_title("predicted decode tokens/s vs bits (roofline)")
-    a1.set(xlabel="bits", ylabel="tokens/s")
-    a1.legend(fontsize=7)
-    rows = report["rows"] if report["mode"] == "measured" else report["predictions"][0]["rows"]
+        a1.legend(fontsize=7)
+    if preds:
+        a2 = axes.pop(0)
+        for p in preds:
+            a2.plot([r["bits"] for r in p["rows"]], [r["decode_tps"] for r in p["rows"]], "o:", ms=3,
+                    label=p["device"])
+        a2.set_yscale("log")
+        a2.set(title="predicted decode tokens/s (roofline, upper bound)", xlabel="bits", ylabel="tokens/s")
+        a2.legend(fontsize=6)
+    a3 = axes.pop(0)
+    rows = report["rows"] if measured else preds[0]["rows"]
     x = [r["bits"] for r in rows]
     bottom = [0.0] * len(rows)
     for key, label in (("codes", "quantized codes"), ("scales", "fp32 scales"), ("folded", "folded fp32 weights"),
                        ("float", "float tensors (LM head, norms)"), ("gather", "embedding row"), ("kv", "KV cache")):
         vals = [r["bytes_per_token"][key] / 1e6 for r in rows]
         if any(vals):
-            a2.bar(x, vals, bottom=bottom, label=label)
+            a3.bar(x, vals, bottom=bottom, label=label)
             bottom = [b + v for b, v in zip(bottom, vals)]
-    a2.set(title="bytes read per decoded token", xlabel="bits", ylabel="MB / token")
-    a2.legend(fontsize=7)
+    where = report["config"].get("backend") or (preds[0]["backend"] if preds else "")
+    a3.set(title=f"bytes read per decoded token ({where})", xlabel="bits", ylabel="MB / token")
+    a3.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
