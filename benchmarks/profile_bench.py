@@ -86,19 +86,20 @@ def markdown(r: dict) -> str:
     if fit and fit["bandwidth_gbs"]:
         ratio = fit["bandwidth_gbs"] / read
         frac = fit["overhead_s"] * rows[8]["decode_tps"]["median"] if 8 in rows else None
-        text = (f"across the bit-widths the decode time per token fits bytes / {fit['bandwidth_gbs']:.1f} GB/s + "
-                f"{fit['overhead_s'] * 1e3:.1f} ms (R² {fit['r2']:.2f}): the weights stream at {ratio:.0%} of the "
-                f"{read:.1f} GB/s the micro-benchmark read with the same threads")
+        text = (f"across the bit-widths (only the quantized codes change between them) the decode time per token "
+                f"fits bytes / {fit['bandwidth_gbs']:.1f} GB/s + {fit['overhead_s'] * 1e3:.1f} ms (R² {fit['r2']:.2f}): "
+                f"each byte costs what {fit['bandwidth_gbs']:.1f} GB/s would, {ratio:.0%} of the {read:.1f} GB/s the "
+                f"micro-benchmark read with the same threads")
         if frac is not None:
-            text += f", and {frac:.0%} of a b = 8 token is a fixed cost that does not scale with the bytes"
+            text += f", and {frac:.0%} of a b = 8 token is time that does not grow with the bytes"
         if ratio < 0.5:
-            text += (" — so decode is not bandwidth-bound here: it is limited by compute (onnxruntime's int8 "
-                     "MatMulNBits kernels unpack the codes and quantize the activations, accuracy level 4, on "
-                     f"{m['cpus']} cores) and by the CPU time other processes take, which a bandwidth roofline does "
-                     f"not model")
+            text += (f" — so the decode loop is not bandwidth-bound here: a byte of weights costs {1 / ratio:.1f}× what "
+                     "the bandwidth test says (the MatMulNBits kernels' unpacking and int8 activation quantization, and "
+                     "the contention below, come with every byte), on top of fixed per-token work (attention and "
+                     "KV-cache copies, norms, rotary, per-node dispatch); a bandwidth roofline models neither")
         else:
             text += (" — the rest is per-token work a bandwidth roofline does not model (onnxruntime's per-node "
-                     "dispatch, activation quantization, attention, the fp32 head's 28 M multiply-adds)")
+                     "dispatch, activation quantization, attention, the KV-cache copies)")
         why.append(text)
     load = m.get("load_average_start"), m.get("load_average_end")
     if load[0] and m.get("cpus") and max(load[0][0], (load[1] or [0])[0]) > 0.5 * m["cpus"]:
@@ -154,6 +155,8 @@ def main() -> None:
                     help="name of this machine's measured profile written into devices/profiles/")
     ap.add_argument("--wait-idle", type=float, default=600,
                     help="seconds to wait at most for the load average to drop below half the cores")
+    ap.add_argument("--from-json", action="store_true",
+                    help="rewrite the RESULTS.md section from benchmarks/results/profile.json without measuring")
     args = ap.parse_args()
 
     from otaro.devices import save_profile, shipped_dir
@@ -161,6 +164,17 @@ def main() -> None:
     from otaro.profiling.measure import ProfileConfig, run_profile
     from otaro.profiling.report import plot, validate_report
 
+    if args.from_json:  # re-render the section from the last measurement, without measuring again
+        import json
+
+        from otaro.profiling.report import validate_report
+        from results_md import RESULTS, update_section
+
+        report = validate_report(json.loads((RESULTS.parent / "results" / "profile.json").read_text()))
+        body = markdown(report)
+        update_section("profile", body)
+        print(body)
+        return
     wait_idle(args.wait_idle)
     gguf = source_gguf()
     cfg = ProfileConfig(artifact(), bits=BITS, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from otaro.errors import OtaroError
-from otaro.manifest_schema import NONNEG_INT, NUMBER, POS_INT, ListOf, MapOf, Opt, check
+from otaro.manifest_schema import NONNEG_INT, NUMBER, POS_INT, ListOf, Opt, check
 
 STATS = {"median": NUMBER, "min": NUMBER, "max": NUMBER, "mean": NUMBER, "stdev": NUMBER, "spread": NUMBER,
          "values": ListOf(NUMBER)}

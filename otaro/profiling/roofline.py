@@ -125,7 +125,6 @@ class ModelShape:
 
         import numpy as np
         import onnx
-        from onnx import TensorProto
 
         from otaro.formats.table import SEFPFormat
         from otaro.runtime.artifact import ArtifactError, read_manifest
