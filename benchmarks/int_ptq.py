@@ -825,10 +825,51 @@ def plan(args) -> list[Row]:
                                        ALL_METHODS.index(r.method)))
 
 
+def seed_cache_from_published(cache: "Cache", S: Setup, args) -> int:
+    """Rows of the published ``results/int_ptq.json`` into an empty cache, when they were measured
+    with these settings (model, windows, calibration), so a run on a new machine adds rows to the
+    published tables instead of starting them over. AWQ rows only when their scale search used the
+    same number of windows (``awq_search_samples``, recorded since it became a setting)."""
+    from otaro.quantize import QuantizeConfig
+
+    path = HERE / "results" / "int_ptq.json"
+    if args.quick or not path.exists():
+        return 0
+    pub = json.loads(path.read_text())
+    a = pub.get("args") or {}
+    same = (pub.get("model") == S.model_name and all(a.get(k) == getattr(args, k)
+                                                     for k in ("windows", "seq_len", "calib_samples", "calib_len")))
+    if not same:
+        return 0
+    awq_search = QuantizeConfig.__dataclass_fields__["search_samples"].default
+    by: dict = {}
+    for r in pub["rows"]:
+        if r.get("engine") == "torch":
+            continue
+        by.setdefault((r["method"], r["bits"], r["group"]), []).append(
+            {k: v for k, v in r.items() if k not in ("label", "method", "engine", "group")})
+    n = 0
+    for (method, bits, group), rows in by.items():
+        row = Row(method, bits, group)
+        if cache.get(row) is not None or (method == "awq" and pub.get("awq_search_samples") != awq_search):
+            continue
+        tag = f"{row.label} b{bits}"
+        cache.put(row, {"rows": rows, "quantize_s": pub.get("quantize_seconds", {}).get(tag),
+                        "container": pub.get("containers", {}).get(tag), "row": [method, bits, group],
+                        "from_published": True})
+        n += 1
+    if cache.get("ort-meta") is None and pub.get("ort_distinct_inputs"):
+        cache.put("ort-meta", {"distinct_inputs": pub["ort_distinct_inputs"], "export_s": pub.get("onnx_export_seconds")})
+    if cache.get("ort-fp32-check") is None and pub.get("ort_fp32_check"):
+        cache.put("ort-fp32-check", pub["ort_fp32_check"])
+    return n
+
+
 def run(args) -> dict:
     import torch
 
     from otaro.evaluation.run import machine_info
+    from otaro.quantize import QuantizeConfig
 
     _threads(args.threads)
     t0 = time.perf_counter()
@@ -837,6 +878,9 @@ def run(args) -> dict:
           f"({os.cpu_count()} CPUs, {args.threads} threads)", flush=True)
     S = setup(args)
     cache = Cache(S.key, args.cache_dir)
+    seeded = seed_cache_from_published(cache, S, args)
+    if seeded:
+        print(f"{seeded} rows measured with these settings taken from results/int_ptq.json", flush=True)
     result_rows: list[dict] = []
     timings: dict[str, float] = {}
     na: dict[str, str] = {}
@@ -891,7 +935,7 @@ def run(args) -> dict:
                 result_rows.append({"label": row.label, "method": row.method, "engine": row.engine,
                                     "group": row.group, **r})
             first = [r for r in got["rows"] if r["text"] == S.windows[0].name]
-            print(f"{tag:22s} quantize {got['quantize_s']:7.1f}s  " + "  ".join(
+            print(f"{tag:22s} quantize {got['quantize_s'] or float('nan'):7.1f}s  " + "  ".join(
                 f"{r['text']}: kld {r['kld']:.4f} top1 {100 * r['top1']:.1f}%" for r in got["rows"]), flush=True)
         # the task rows in a file of their own: a tasks-only run (--methods "") may run beside a main one
         tasks = run_tasks(S, args, Cache(S.key + "-tasks", args.cache_dir)) if args.tasks else None
@@ -914,6 +958,7 @@ def run(args) -> dict:
         "linears": len(S.linear_names),
         "ort_distinct_inputs": meta.get("distinct_inputs"),
         "quantize_seconds": timings,
+        "awq_search_samples": QuantizeConfig.__dataclass_fields__["search_samples"].default,
         "onnx_export_seconds": meta.get("export_s"),
         **extra,
         "load_average": {"start": list(load_start), "end": list(load_end)},
@@ -1041,7 +1086,10 @@ def markdown(result) -> str:
         f"optimum {m['optimum']}, peft {m['peft']}, otaro {m['otaro']}. Model: {result['model']}.",
         "",
         f"**Reduced settings** (CPU budget): windows {win}; calibration {cal['samples']} × {cal['seq_len']} tokens of "
-        + ", ".join(cal["texts"]) + " for every calibrated method (ours and onnxruntime's); the script's defaults "
+        + ", ".join(cal["texts"]) + " for every calibrated method (ours and onnxruntime's)"
+        + (f"; AWQ's α grid search runs each layer on the first {min(result['awq_search_samples'], cal['samples'])} of them "
+           "(`otaro quantize --search-samples`, its default; statistics and clipping use all)"
+           if result.get("awq_search_samples") else "") + "; the script's defaults "
         "use these sizes, and `--windows`, `--calib-samples`, `--bits`, `--groups`, `--methods` and `--lora-steps` "
         "scale it up. Rows are cached per setting, so the tables hold every row measured with these settings "
         "(blank cells: not measured in the time available).",

@@ -199,6 +199,9 @@ def formats(family, as_json):
 @click.option("--scale-search/--no-scale-search", default=True, show_default=True,
               help="mbrtn/gptq on SEFP: pick each group's shared scale (exponent E or E-1; fp16 clipping grid) "
                    "by the same weighted error.")
+@click.option("--search-samples", default=8, show_default=True,
+              help="awq: calibration windows the scale grid search runs each layer on (the statistics and the "
+                   "clipping search use all --calib-samples); the search is most of awq's time.")
 @click.option("--save-format", "save_format", type=click.Choice(["otaro", "hf"]), default="otaro", show_default=True,
               help="otaro: checkpoint + otaro.json. hf (int formats): a Hugging Face folder that transformers, "
                    "AutoGPTQ/AutoAWQ and onnxruntime-genai's model builder read: GPTQ v1 layout for rtn/gptq, "
@@ -210,7 +213,7 @@ def formats(family, as_json):
               help="Multi-task methods: keep each task's statistics here and reuse them, so adding a task "
                    "collects only the new one.")
 def quantize(model, output, method, fmt, overwrite, calib, calib_samples, calib_len, calib_seed, bits, damp,
-             act_order, block_size, scale_search, save_format, tasks, task_stats):
+             act_order, block_size, scale_search, search_samples, save_format, tasks, task_stats):
     """Quantize MODEL and write a checkpoint (safetensors + otaro.json manifest).
 
     An SEFP checkpoint stores 8-bit mantissas and per-group exponents once; every precision
@@ -229,7 +232,7 @@ def quantize(model, output, method, fmt, overwrite, calib, calib_samples, calib_
     cfg = QuantizeConfig(model=model, output=output, method=method, format=fmt, overwrite=overwrite, calib=calib,
                          calib_samples=calib_samples, calib_len=calib_len, calib_seed=calib_seed, bits=bits or (),
                          damp=damp, act_order=act_order, block_size=block_size, scale_search=scale_search,
-                         save_format=save_format, tasks=tuple(tasks), task_stats=task_stats)
+                         search_samples=search_samples, save_format=save_format, tasks=tuple(tasks), task_stats=task_stats)
     from otaro.progress import progress
 
     with progress(desc=f"{method} {fmt}", unit="layer") as bar:

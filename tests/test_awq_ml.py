@@ -212,6 +212,33 @@ def test_awq_runs_on_every_architecture(arch, caplog):
     assert _rel(_logits(model, windows), ref) < 0.5
 
 
+def test_awq_scale_search_runs_on_search_samples_windows_only(monkeypatch):
+    """--search-samples caps the windows of the α grid search (its cost), while the statistics
+    and the next layer's inputs still come from every calibration window."""
+    from types import SimpleNamespace
+
+    import otaro.methods.awq as awq
+
+    seen, stats_windows = [], []
+    real_search, real_stats = awq.search_block_alpha, awq.input_stats
+
+    def search(layer, group, stats, hidden, extra, ref, fmt, **kw):
+        seen.append((hidden.shape[0], ref.shape[0]))
+        return real_search(layer, group, stats, hidden, extra, ref, fmt, **kw)
+
+    def stats(layer, rels, hidden, extra, **kw):
+        stats_windows.append(hidden.shape[0])
+        return real_stats(layer, rels, hidden, extra, **kw)
+
+    monkeypatch.setattr(awq, "search_block_alpha", search)
+    monkeypatch.setattr(awq, "input_stats", stats)
+    run_awq(tiny_model("llama", init_std=0.15), get_format("int4-g32-asym"), SimpleNamespace(search_samples=2),
+            _windows(5, 16))
+    assert seen and set(seen) == {(2, 2)}
+    assert set(stats_windows) == {5}
+    assert awq.search_windows(SimpleNamespace(search_samples=64), 5) == 5  # never more than were drawn
+
+
 @pytest.mark.parametrize("name", ["int2-g16-sym", "int3-g256-asym", "int8-g128-sym"])
 def test_awq_other_rows(name):
     windows = _windows(2, 16)

@@ -341,6 +341,8 @@ def test_quantize_gptq_user_errors_come_before_any_output(tmp_path, hf_model, te
           needle="larger than the model allows")
     fails("--format", "int4-g32-asym", "--calib", text_file, needle="rtn uses no calibration data")
     fails("--method", "gptq", "--format", "int4-g32-asym", "--calib", text_file, "--damp", 0, needle="--damp")
+    fails("--method", "awq", "--format", "int4-g32-asym", "--calib", text_file, "--search-samples", 0,
+          needle="--search-samples must be at least 1")
     assert not out.exists()
 
 

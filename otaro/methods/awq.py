@@ -382,6 +382,13 @@ def search_linear_alpha(Ws: Sequence[torch.Tensor], stats: InputStats, fmt,
     return grid[min(range(len(grid)), key=errs.__getitem__)], errs
 
 
+def search_windows(config, available: int) -> int:
+    """How many calibration windows the α grid search runs the layer on (config.search_samples,
+    at most what was drawn)."""
+    n = getattr(config, "search_samples", None) or available
+    return max(1, min(int(n), available))
+
+
 def check_fold(layer, probes, ref_outputs) -> float:
     """Largest relative change of the block output over ``probes`` [(activate, hidden, extra)]."""
     worst = 0.0
@@ -427,7 +434,8 @@ def run_awq(model, fmt, config, calibration, progress=None):
             if group.prev_is_linear:
                 alpha, _ = search_linear_alpha([base_linear(m).weight for m in group.modules], st, fmt)
             else:
-                alpha, _ = search_block_alpha(layer, group, st, hidden, extra[i], ref, fmt)
+                n = search_windows(config, hidden.shape[0])
+                alpha, _ = search_block_alpha(layer, group, st, hidden[:n], extra[i], ref[:n], fmt)
             s = activation_scales(st.absmean, alpha)
             undo = fold_scales(group, s)
             change = check_fold(layer, [(lambda: None, hidden[:1], extra[i])], [ref[:1]])
