@@ -62,7 +62,19 @@ CALIB = quality.CALIB
 OURS = ("rtn", "gptq", "awq")
 ORT = ("ort-rtn", "ort-gptq", "ort-gptq-fixed", "ort-hqq")
 ALL_METHODS = OURS + ORT
-TASK_METHODS = ("rtn", "gptq-pooled", "mlgptq", "awq-pooled", "mlawq", "gptq-per-task")
+# NAME[H]: a multi-task method with --ml-hessian H (bare: the default, max-psd)
+TASK_METHODS = ("rtn", "gptq-pooled", "mlgptq", "mlgptq[max]", "mlgptq[diag-max]", "awq-pooled", "mlawq",
+                "mlawq[max]", "gptq-per-task")
+
+
+def task_method(name: str) -> tuple[str, str | None, str]:
+    """(otaro method, --ml-hessian or None, cache name) of a TASK_METHODS entry. The literal max
+    keeps the bare cache name: it was the only combination when those rows were measured."""
+    base, _, rest = name.partition("[")
+    if base not in ("mlgptq", "mlawq"):
+        return ("mlgptq" if base == "gptq-per-task" else base), None, base
+    h = rest.rstrip("]") or "max-psd"
+    return base, h, base if h == "max" else f"{base}[{h}]"
 LORA_TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 # bump when a change alters measured numbers, so old cache entries are not mixed in
 SCHEMA = 1
@@ -769,22 +781,23 @@ def run_tasks(S: Setup, args, cache: Cache) -> dict:
            "methods": {}}
     try:
         for method in args.task_methods:
-            key = ("task", SCHEMA, lkey, method, fmt_name, n_cal, args.calib_len)
+            real, ml_hessian, cname = task_method(method)
+            key = ("task", SCHEMA, lkey, cname, fmt_name, n_cal, args.calib_len)
             got = cache.get(key)
             if got is None and args.cached_only:
                 continue
-            if got is not None and "damp" not in got and not args.cached_only and method in ("mlgptq", "gptq-pooled", "gptq-per-task"):
+            if got is not None and "damp" not in got and not args.cached_only and real == "mlgptq" or method == "gptq-pooled":
                 got = None  # measured before the damping was recorded
             if got is None:
                 got = {"tasks": {}, "quantize_s": 0.0}
                 damp_used: list[float] = []
                 runs = [(specs, [t.name for t in specs])] if method != "gptq-per-task" else [((t,), [t.name]) for t in specs]
                 for tasks, scored in runs:
-                    real = "mlgptq" if method == "gptq-per-task" else method
                     m = get_method(real)
                     cfg = QuantizeConfig(model=S.model_name, output=str(Path(tempfile.gettempdir()) / "otaro-int-ptq-unused"),
                                          method=real, format=fmt_name, calib_samples=n_cal, calib_len=args.calib_len,
-                                         tasks=tasks if m.multi_task else ())
+                                         tasks=tasks if m.multi_task else (),
+                                         **({"ml_hessian": ml_hessian} if ml_hessian else {}))
                     t0 = time.perf_counter()
                     with torch.no_grad(), record_damping() as used:
                         model = m.run(copy.deepcopy(S.src.model), fmt, cfg,
@@ -1046,7 +1059,7 @@ def goals(result) -> list[tuple[bool | None, str]]:
                 if ml == "mlgptq" and d and d["escalated"]:
                     counts = ", ".join(f"{k} in {v}" for k, v in d["counts"].items())
                     dp = meth[base].get("damp")
-                    note = (f" — the element-wise max of the task Hessians is not positive semi-definite, so "
+                    note = (f" — the combined task Hessian was not positive definite, so "
                             f"gptq_solve raised its damping (fraction of mean diag H, asked {d['asked']:g}) in "
                             f"{d['escalated']} of {d['linears']} linears ({counts}), which all but switches off "
                             "GPTQ's error feedback there" + (f"; {base}: {dp['escalated']} of {dp['linears']}"
@@ -1196,7 +1209,10 @@ def markdown(result) -> str:
                 + f". Calibration: {T['calib_samples_per_task']} × {T['calib_len']} tokens per task, with that task's "
                 "LoRA active. KLD is against the fp32 base with the same adapter; the AWQ variants are scored with the "
                 "adapters rescaled by their fold (`adapters/<task>/`). Per-task GPTQ quantizes one base per task (its "
-                "own data and LoRA): a reference point that costs a base per task.",
+                "own data and LoRA): a reference point that costs a base per task. How the task Hessians combine "
+                "(`--ml-hessian`): `mlgptq`/`mlawq` the element-wise max projected onto the PSD cone (the default, "
+                "`max-psd`); `[max]` the literal element-wise max, which is not PSD here, so GPTQ raises its damping; "
+                "`[diag-max]` the pooled Hessian rescaled to the per-channel max diagonal.",
                 "",
                 "fp32 perplexity with / without the adapter: " + ", ".join(
                     f"{t} {T['fp32'][t]['ppl_with_adapter']:.2f} / {T['fp32'][t]['ppl_without_adapter']:.2f}" for t in tn) + ".",

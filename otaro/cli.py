@@ -212,8 +212,13 @@ def formats(family, as_json):
 @click.option("--task-stats", "task_stats", type=click.Path(file_okay=False), metavar="DIR",
               help="Multi-task methods: keep each task's statistics here and reuse them, so adding a task "
                    "collects only the new one.")
+@click.option("--ml-hessian", "ml_hessian", type=click.Choice(["max-psd", "max", "diag-max"]), default="max-psd",
+              show_default=True,
+              help="mlgptq/mlawq: how the task Hessians combine. max-psd: element-wise max, projected onto the "
+                   "positive semi-definite matrices GPTQ needs; max: the literal max (GPTQ raises its damping where "
+                   "it is not PSD); diag-max: the pooled Hessian rescaled to the max diagonal.")
 def quantize(model, output, method, fmt, overwrite, calib, calib_samples, calib_len, calib_seed, bits, damp,
-             act_order, block_size, scale_search, search_samples, save_format, tasks, task_stats):
+             act_order, block_size, scale_search, search_samples, save_format, tasks, task_stats, ml_hessian):
     """Quantize MODEL and write a checkpoint (safetensors + otaro.json manifest).
 
     An SEFP checkpoint stores 8-bit mantissas and per-group exponents once; every precision
@@ -232,7 +237,8 @@ def quantize(model, output, method, fmt, overwrite, calib, calib_samples, calib_
     cfg = QuantizeConfig(model=model, output=output, method=method, format=fmt, overwrite=overwrite, calib=calib,
                          calib_samples=calib_samples, calib_len=calib_len, calib_seed=calib_seed, bits=bits or (),
                          damp=damp, act_order=act_order, block_size=block_size, scale_search=scale_search,
-                         search_samples=search_samples, save_format=save_format, tasks=tuple(tasks), task_stats=task_stats)
+                         search_samples=search_samples, save_format=save_format, tasks=tuple(tasks), task_stats=task_stats,
+                         ml_hessian=ml_hessian)
     from otaro.progress import progress
 
     with progress(desc=f"{method} {fmt}", unit="layer") as bar:

@@ -54,6 +54,10 @@ class QuantizeConfig:
     # keeping each task's statistics, so adding a task does not re-collect the others.
     tasks: tuple = ()
     task_stats: str | None = None
+    # mlgptq/mlawq: how the per-task Hessians are combined (multitask.HESSIAN_COMBINATIONS):
+    # "max-psd" the element-wise max projected onto the PSD cone, "max" the literal max (often not
+    # PSD: GPTQ then raises its damping), "diag-max" pooled correlations with the max diagonal.
+    ml_hessian: str = "max-psd"
     version: int = QUANTIZE_CONFIG_VERSION
 
     def __post_init__(self):
@@ -81,6 +85,10 @@ class QuantizeConfig:
             raise OtaroError(f"--damp must be in (0, 1] (a fraction of the mean Hessian diagonal), got {self.damp}")
         if self.block_size < 1:
             raise OtaroError(f"--block-size must be at least 1 (got {self.block_size})")
+        from otaro.methods.multitask import ML_HESSIANS
+
+        if self.ml_hessian not in ML_HESSIANS:
+            raise OtaroError(f"--ml-hessian must be one of {', '.join(ML_HESSIANS)} (got {self.ml_hessian!r})")
         if self.search_samples < 1:
             raise OtaroError(f"--search-samples must be at least 1 (got {self.search_samples})")
         self._check_save_format(fmt)

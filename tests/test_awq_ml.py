@@ -22,7 +22,7 @@ from otaro.methods.awq import (
     run_awq,
 )
 from otaro.methods.calib import calibration_windows, run_layer
-from otaro.methods.multitask import InputStats, combine_hessians, mosaic_scales, parse_task
+from otaro.methods.multitask import InputStats, combine_hessians, mosaic_scales, nearest_psd, parse_task
 from otaro.methods.rtn import run_rtn
 
 INT_ROWS = [f"int{b}-g{g}-{k}" for b in (2, 3, 4, 8) for g in (16, 32, 64, 128, 256) for k in ("sym", "asym")]
@@ -281,6 +281,39 @@ def test_hessian_combinations_hand_computed():
                                torch.tensor([[3.5, -1.25], [-1.25, 1.5]]))
 
 
+def test_max_psd_is_the_nearest_psd_matrix_to_the_max_hand_computed():
+    """Three rank-1 task Hessians whose element-wise max is tridiagonal(1, 1, 1), eigenvalues
+    1 + √2, 1 and 1 − √2 < 0: not PSD. max-psd drops the negative eigenvalue along its
+    eigenvector u = (1, −√2, 1)/2; diag-max and pooled are PSD by construction."""
+    vs = [torch.tensor(v, dtype=torch.float64) for v in ((1, 1, 0), (0, 1, 1), (1, 0, -1))]
+    Hs = [torch.outer(v, v) for v in vs]
+    M = torch.tensor([[1.0, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.float64)
+    torch.testing.assert_close(combine_hessians(Hs, [1, 1, 1], "max"), M)
+    assert float(torch.linalg.eigvalsh(M).min()) < -0.4
+    r2 = 2 ** 0.5
+    u = torch.tensor([1, -r2, 1], dtype=torch.float64) / 2
+    expect = M - (1 - r2) * torch.outer(u, u)
+    got = combine_hessians(Hs, [1, 1, 1], "max-psd")
+    torch.testing.assert_close(got, expect)
+    assert float(torch.linalg.eigvalsh(got).min()) > -1e-12
+    for mode in ("diag-max", "pooled"):
+        assert float(torch.linalg.eigvalsh(combine_hessians(Hs, [1, 2, 3], mode)).min()) > -1e-12, mode
+    # a max that is already PSD is left as it is
+    H1 = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+    H2 = torch.tensor([[4.0, -2.0], [-2.0, 1.0]])
+    torch.testing.assert_close(combine_hessians([H1, H2], [1, 3], "max-psd"), torch.tensor([[4.0, 1.0], [1.0, 3.0]]))
+
+
+def test_diag_max_hand_computed():
+    H1 = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    H2 = torch.tensor([[4.0, -2.0], [-2.0, 1.0]], dtype=torch.float64)
+    # pooled (1·H1 + 3·H2)/4 = [[3.5, -1.25], [-1.25, 1.5]]; max diagonal (4, 3); the off-diagonal
+    # scaled by √(4/3.5)·√(3/1.5), so the correlation -1.25/√(3.5·1.5) is kept
+    off = -1.25 * (4 / 3.5) ** 0.5 * (3 / 1.5) ** 0.5
+    torch.testing.assert_close(combine_hessians([H1, H2], [1, 3], "diag-max"),
+                               torch.tensor([[4.0, off], [off, 3.0]], dtype=torch.float64))
+
+
 def _stats(absmean, sq):
     return InputStats(torch.tensor(absmean), torch.diag(torch.tensor(sq) * 2), 10)
 
@@ -447,8 +480,8 @@ def test_mlgptq_end_to_end_with_task_stats_reuse(tmp_path, adapters, task_texts,
         X = torch.cat(xs)
         torch.testing.assert_close(Hs[t], 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(Hs["a"], Hs["b"])
-    # MLGPTQ solved block 1's q_proj against the element-wise max of the two
-    torch.testing.assert_close(seen[7], torch.maximum(Hs["a"], Hs["b"]))
+    # MLGPTQ solved block 1's q_proj against the element-wise max of the two, made PSD
+    torch.testing.assert_close(seen[7], nearest_psd(torch.maximum(Hs["a"], Hs["b"])), rtol=1e-4, atol=1e-6)
 
     # Adding task c: only c is collected, a and b come from the store.
     captures.clear()

@@ -4,8 +4,9 @@ each with its own calibration data and its own LoRA adapter (kept unmerged, in f
 Methods (integer formats):
 
 * ``mlgptq`` — per-task Hessians H^t = 2 X^tᵀX^t / N_t, combined by the element-wise max over
-  tasks (the research note's reading of "max-aggregated Hessian"), then the one GPTQ solver
-  (``otaro.methods.gptq.gptq_solve``); damping escalation covers a max that is not PSD.
+  tasks (the research note's reading of "max-aggregated Hessian") projected onto the PSD cone
+  (``--ml-hessian``, see ``HESSIAN_COMBINATIONS``), then the one GPTQ solver
+  (``otaro.methods.gptq.gptq_solve``).
 * ``gptq-pooled`` — seed 000's GPTQ_tweaked: the token-weighted mean of the H^t, i.e. ordinary
   GPTQ on the pooled calibration data of all tasks.
 * ``mlawq`` — seed 000 Algorithm A: for every ratio α of the grid and every task t a candidate
@@ -14,7 +15,7 @@ Methods (integer formats):
   s is a per-channel mosaic of task scales. Guard (ours): the mosaic is kept only if its summed
   per-task output error Σ_t tr(ΔW H^t ΔWᵀ) is the lowest among it and every single candidate
   s_{α,t} (s = 1 included), else that best candidate is used (the log says how often the mosaic
-  won). Clipping uses the max-combined H, as mlgptq.
+  won). Clipping uses the combined H, as mlgptq.
 * ``awq-pooled`` — seed 000's AWQ_tweaked: pooled mean|x| and pooled H, one α per group chosen by
   the pooled output error of the group's linears.
 
@@ -221,15 +222,62 @@ def check_task_adapters(model, tasks: Sequence[TaskSpec]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _pooled(Hs, ns):
+    total = float(sum(ns))
+    return sum(H * (n / total) for H, n in zip(Hs, ns))
+
+
+def _max(Hs, ns):
+    return torch.stack(list(Hs)).amax(0)
+
+
+def nearest_psd(H: torch.Tensor) -> torch.Tensor:
+    """The positive semi-definite matrix nearest ``H`` (symmetric) in Frobenius norm: its
+    eigen-decomposition with the negative eigenvalues set to 0 (Higham 1988), in float64."""
+    Hd = H.to(torch.float64)
+    vals, vecs = torch.linalg.eigh((Hd + Hd.T) / 2)
+    return ((vecs * vals.clamp(min=0)) @ vecs.T).to(H.dtype)
+
+
+def _max_psd(Hs, ns):
+    return nearest_psd(_max(Hs, ns))
+
+
+def _diag_max(Hs, ns):
+    # the pooled Hessian's correlation structure, rescaled so its diagonal is the per-channel max
+    # curvature over tasks: D^½ C D^½ with C = diag(P)^-½ P diag(P)^-½, a congruence of a PSD matrix
+    P = _pooled(Hs, ns).to(torch.float64)
+    d = torch.diagonal(P)
+    m = torch.stack([torch.diagonal(H) for H in Hs]).amax(0).to(torch.float64)
+    r = torch.where(d > 0, (m / d.clamp(min=1e-30)).sqrt(), torch.zeros_like(d))
+    return (P * r[:, None] * r[None, :]).to(Hs[0].dtype)
+
+
+# How per-task Hessians are combined. Seed 000 says "max-aggregated Hessian" and no more; the
+# element-wise max of PSD matrices need not be PSD (on SmolLM2's two tasks it never was: GPTQ's
+# damping escalated to 10-100x the mean diagonal in most linears, which switches its error
+# feedback off). "max-psd" keeps the max and projects it onto the PSD cone; "diag-max" keeps the
+# max only where GPTQ reads curvature most directly, the diagonal. benchmarks/int_ptq.py measures
+# the three (rows mlgptq, mlgptq[max], mlgptq[diag-max]).
+HESSIAN_COMBINATIONS = {
+    "max-psd": _max_psd,
+    "max": _max,
+    "diag-max": _diag_max,
+    "pooled": _pooled,
+}
+ML_HESSIANS = ("max-psd", "max", "diag-max")  # the choices of --ml-hessian
+
+
 def combine_hessians(Hs: Sequence[torch.Tensor], ns: Sequence[int], mode: str) -> torch.Tensor:
-    """``max``: element-wise max over tasks (MLGPTQ); ``pooled``: Σ N_t H^t / Σ N_t, the Hessian
-    of the pooled tokens (GPTQ_tweaked)."""
-    if mode == "max":
-        return torch.stack(list(Hs)).amax(0)
-    if mode == "pooled":
-        total = float(sum(ns))
-        return sum(H * (n / total) for H, n in zip(Hs, ns))
-    raise ValueError(f"unknown combination {mode!r}")
+    """One H from per-task H^t (token counts ``ns``) by ``HESSIAN_COMBINATIONS[mode]``: ``max``
+    element-wise (the literal reading of MLGPTQ), ``max-psd`` that projected onto the PSD cone,
+    ``diag-max`` pooled correlations with the max diagonal, ``pooled`` Σ N_t H^t / Σ N_t (the
+    Hessian of the pooled tokens, GPTQ_tweaked)."""
+    try:
+        fn = HESSIAN_COMBINATIONS[mode]
+    except KeyError:
+        raise ValueError(f"unknown combination {mode!r}") from None
+    return fn(list(Hs), list(ns))
 
 
 def pooled_stats(stats: Sequence[InputStats]) -> InputStats:
@@ -439,7 +487,7 @@ class _Adapters:
 @dataclass(frozen=True)
 class _Kind:
     solver: str  # "gptq" | "awq"
-    combine: str  # "max" | "pooled"
+    combine: str  # "max" (mlgptq/mlawq: the combination config.ml_hessian names) | "pooled"
 
 
 KINDS = {
@@ -525,10 +573,17 @@ def run_multitask(kind: str, model, fmt, config, calibration: dict, progress=Non
             if spec.solver == "awq":
                 _scale_block(ad, by_name, layer, adapter, model.config, per_task, order, spec, fmt, probe, i, skips)
 
+            combined: dict[tuple, torch.Tensor] = {}
             for rel in rels:
                 lin = base_linear(layer.get_submodule(rel))
                 sts = [per_task[n][rel] for n in order]
-                H = combine_hessians([s.H for s in sts], [s.n for s in sts], spec.combine)
+                mode = spec.combine if spec.combine == "pooled" else getattr(config, "ml_hessian", "max-psd")
+                if len(sts) == 1:
+                    mode = "pooled"  # one task: every combination is its H; skip the eigh
+                key = tuple(id(st) for st in sts)  # q/k/v (gate/up) share their input statistics
+                if key not in combined:
+                    combined[key] = combine_hessians([s.H for s in sts], [s.n for s in sts], mode)
+                H = combined[key]
                 if spec.solver == "gptq":
                     W = lin.weight.detach().to(torch.float32)
                     quantizer = factory(fmt, config)
