@@ -67,10 +67,13 @@ def onnx_nll(path: Path, windows, level: int, bits: int | None, threads: int) ->
     with graph_variant(path, bits=bits, accuracy_level=level) as g:
         dec = Decoder(ort.InferenceSession(str(g), session_options(level, threads), providers=["CPUExecutionProvider"]))
         nll = 0.0
-        for row in windows.tokens.numpy():
-            logits = dec.prompt_logits(row.tolist())[:-1].astype(np.float64)
+        seq_len = windows.tokens.shape[1]
+        # what otaro.evaluation.metrics.score reads: the BOS first when the tokenizer has one, and
+        # the logits of the window's own positions predicting its tokens 1..seq_len-1
+        for inputs, row in zip(windows.model_inputs().numpy(), windows.tokens.numpy()):
+            logits = dec.prompt_logits(inputs.tolist())[-seq_len:-1].astype(np.float64)
             lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-            nll += float((lse - logits[np.arange(len(row) - 1), row[1:]]).sum())
+            nll += float((lse - logits[np.arange(seq_len - 1), row[1:]]).sum())
     return nll
 
 
