@@ -62,9 +62,9 @@ CALIB = quality.CALIB
 OURS = ("rtn", "gptq", "awq")
 ORT = ("ort-rtn", "ort-gptq", "ort-gptq-fixed", "ort-hqq")
 ALL_METHODS = OURS + ORT
-# NAME[H]: a multi-task method with --ml-hessian H (bare: the default, max-psd)
-TASK_METHODS = ("rtn", "gptq-pooled", "mlgptq", "mlgptq[max]", "mlgptq[diag-max]", "awq-pooled", "mlawq",
-                "mlawq[max]", "gptq-per-task")
+# NAME[H]: a multi-task method with --ml-hessian H (bare: otaro's default)
+TASK_METHODS = ("rtn", "gptq-pooled", "mlgptq", "mlgptq[max-psd]", "mlgptq[max]", "awq-pooled", "mlawq",
+                "mlawq[max-psd]", "mlawq[max]", "gptq-per-task")
 
 
 def task_method(name: str) -> tuple[str, str | None, str]:
@@ -73,7 +73,9 @@ def task_method(name: str) -> tuple[str, str | None, str]:
     base, _, rest = name.partition("[")
     if base not in ("mlgptq", "mlawq"):
         return ("mlgptq" if base == "gptq-per-task" else base), None, base
-    h = rest.rstrip("]") or "max-psd"
+    from otaro.quantize import QuantizeConfig
+
+    h = rest.rstrip("]") or QuantizeConfig.__dataclass_fields__["ml_hessian"].default
     return base, h, base if h == "max" else f"{base}[{h}]"
 LORA_TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 # bump when a change alters measured numbers, so old cache entries are not mixed in
@@ -1210,9 +1212,10 @@ def markdown(result) -> str:
                 "LoRA active. KLD is against the fp32 base with the same adapter; the AWQ variants are scored with the "
                 "adapters rescaled by their fold (`adapters/<task>/`). Per-task GPTQ quantizes one base per task (its "
                 "own data and LoRA): a reference point that costs a base per task. How the task Hessians combine "
-                "(`--ml-hessian`): `mlgptq`/`mlawq` the element-wise max projected onto the PSD cone (the default, "
-                "`max-psd`); `[max]` the literal element-wise max, which is not PSD here, so GPTQ raises its damping; "
-                "`[diag-max]` the pooled Hessian rescaled to the per-channel max diagonal.",
+                "(`--ml-hessian`): `mlgptq`/`mlawq` otaro's default, `diag-max`, the pooled Hessian rescaled so each "
+                "channel's curvature (diagonal) is its largest over the tasks; `[max-psd]` the element-wise max "
+                "projected onto the PSD cone; `[max]` the literal element-wise max, which is not PSD here, so GPTQ "
+                "raises its damping.",
                 "",
                 "fp32 perplexity with / without the adapter: " + ", ".join(
                     f"{t} {T['fp32'][t]['ppl_with_adapter']:.2f} / {T['fp32'][t]['ppl_without_adapter']:.2f}" for t in tn) + ".",

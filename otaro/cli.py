@@ -212,11 +212,12 @@ def formats(family, as_json):
 @click.option("--task-stats", "task_stats", type=click.Path(file_okay=False), metavar="DIR",
               help="Multi-task methods: keep each task's statistics here and reuse them, so adding a task "
                    "collects only the new one.")
-@click.option("--ml-hessian", "ml_hessian", type=click.Choice(["max-psd", "max", "diag-max"]), default="max-psd",
+@click.option("--ml-hessian", "ml_hessian", type=click.Choice(["diag-max", "max-psd", "max"]), default="diag-max",
               show_default=True,
-              help="mlgptq/mlawq: how the task Hessians combine. max-psd: element-wise max, projected onto the "
-                   "positive semi-definite matrices GPTQ needs; max: the literal max (GPTQ raises its damping where "
-                   "it is not PSD); diag-max: the pooled Hessian rescaled to the max diagonal.")
+              help="mlgptq/mlawq: how the task Hessians combine. diag-max: the pooled Hessian rescaled so each "
+                   "channel's curvature is its largest over the tasks; max-psd: the element-wise max, projected onto "
+                   "the positive semi-definite matrices GPTQ needs; max: the literal max (GPTQ raises its damping "
+                   "where it is not PSD).")
 def quantize(model, output, method, fmt, overwrite, calib, calib_samples, calib_len, calib_seed, bits, damp,
              act_order, block_size, scale_search, search_samples, save_format, tasks, task_stats, ml_hessian):
     """Quantize MODEL and write a checkpoint (safetensors + otaro.json manifest).

@@ -55,9 +55,10 @@ class QuantizeConfig:
     tasks: tuple = ()
     task_stats: str | None = None
     # mlgptq/mlawq: how the per-task Hessians are combined (multitask.HESSIAN_COMBINATIONS):
-    # "max-psd" the element-wise max projected onto the PSD cone, "max" the literal max (often not
-    # PSD: GPTQ then raises its damping), "diag-max" pooled correlations with the max diagonal.
-    ml_hessian: str = "max-psd"
+    # "diag-max" pooled correlations with the per-channel max diagonal, "max-psd" the element-wise
+    # max projected onto the PSD cone, "max" the literal max (often not PSD: GPTQ then raises its
+    # damping). diag-max is the one that beat pooled GPTQ in benchmarks/int_ptq.py's two tasks.
+    ml_hessian: str = "diag-max"
     version: int = QUANTIZE_CONFIG_VERSION
 
     def __post_init__(self):

@@ -4,8 +4,8 @@ each with its own calibration data and its own LoRA adapter (kept unmerged, in f
 Methods (integer formats):
 
 * ``mlgptq`` — per-task Hessians H^t = 2 X^tᵀX^t / N_t, combined by the element-wise max over
-  tasks (the research note's reading of "max-aggregated Hessian") projected onto the PSD cone
-  (``--ml-hessian``, see ``HESSIAN_COMBINATIONS``), then the one GPTQ solver
+  tasks (the research note's reading of "max-aggregated Hessian") on the diagonal, with the pooled
+  correlations (``--ml-hessian``, see ``HESSIAN_COMBINATIONS``), then the one GPTQ solver
   (``otaro.methods.gptq.gptq_solve``).
 * ``gptq-pooled`` — seed 000's GPTQ_tweaked: the token-weighted mean of the H^t, i.e. ordinary
   GPTQ on the pooled calibration data of all tasks.
@@ -256,16 +256,17 @@ def _diag_max(Hs, ns):
 # How per-task Hessians are combined. Seed 000 says "max-aggregated Hessian" and no more; the
 # element-wise max of PSD matrices need not be PSD (on SmolLM2's two tasks it never was: GPTQ's
 # damping escalated to 10-100x the mean diagonal in most linears, which switches its error
-# feedback off). "max-psd" keeps the max and projects it onto the PSD cone; "diag-max" keeps the
-# max only where GPTQ reads curvature most directly, the diagonal. benchmarks/int_ptq.py measures
-# the three (rows mlgptq, mlgptq[max], mlgptq[diag-max]).
+# feedback off). "max-psd" keeps the max and projects it onto the PSD cone; "diag-max" (the
+# default) keeps the max only on the diagonal, each channel's own curvature, and the pooled
+# correlations elsewhere. benchmarks/int_ptq.py measures the three; on its two tasks only
+# diag-max beat pooled GPTQ (max and max-psd lost to it).
 HESSIAN_COMBINATIONS = {
     "max-psd": _max_psd,
     "max": _max,
     "diag-max": _diag_max,
     "pooled": _pooled,
 }
-ML_HESSIANS = ("max-psd", "max", "diag-max")  # the choices of --ml-hessian
+ML_HESSIANS = ("diag-max", "max-psd", "max")  # the choices of --ml-hessian
 
 
 def combine_hessians(Hs: Sequence[torch.Tensor], ns: Sequence[int], mode: str) -> torch.Tensor:
@@ -577,7 +578,7 @@ def run_multitask(kind: str, model, fmt, config, calibration: dict, progress=Non
             for rel in rels:
                 lin = base_linear(layer.get_submodule(rel))
                 sts = [per_task[n][rel] for n in order]
-                mode = spec.combine if spec.combine == "pooled" else getattr(config, "ml_hessian", "max-psd")
+                mode = spec.combine if spec.combine == "pooled" else getattr(config, "ml_hessian", "diag-max")
                 if len(sts) == 1:
                     mode = "pooled"  # one task: every combination is its H; skip the eigh
                 key = tuple(id(st) for st in sts)  # q/k/v (gate/up) share their input statistics
