@@ -515,6 +515,8 @@ def run_multitask(kind: str, model, fmt, config, calibration: dict, progress=Non
         tasks, calibration = (TaskSpec("calib", None, tuple(config.calib)),), {"calib": calibration}
     if not tasks or not isinstance(calibration, dict) or set(calibration) != {t.name for t in tasks}:
         raise OtaroError(f"{kind} needs calibration windows for each task")
+    # one task: every combination is its own H (pooled skips the work)
+    mode = spec.combine if spec.combine == "pooled" or len(tasks) == 1 else getattr(config, "ml_hessian", "diag-max")
     if fmt.family != "int":
         raise OtaroError(f"{kind} produces integer formats only (got {fmt.name})")
     factory = quantizer_factory(fmt) if spec.solver == "gptq" else None
@@ -578,9 +580,6 @@ def run_multitask(kind: str, model, fmt, config, calibration: dict, progress=Non
             for rel in rels:
                 lin = base_linear(layer.get_submodule(rel))
                 sts = [per_task[n][rel] for n in order]
-                mode = spec.combine if spec.combine == "pooled" else getattr(config, "ml_hessian", "diag-max")
-                if len(sts) == 1:
-                    mode = "pooled"  # one task: every combination is its H; skip the eigh
                 key = tuple(id(st) for st in sts)  # q/k/v (gate/up) share their input statistics
                 if key not in combined:
                     combined[key] = combine_hessians([s.H for s in sts], [s.n for s in sts], mode)
