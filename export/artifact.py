@@ -38,6 +38,7 @@ from otaro.runtime.artifact import FORMAT_VERSION, MANIFEST, check_name
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 COPIED_FILES = ("config.json", "generation_config.json")
 TRACE_DIR = ".trace"  # inside the partial output folder; removed before the manifest is written
+EMBEDDING = "<embedding>"  # key of the quantized embedding's Gather among the located nodes
 _SEFP_SPEC = re.compile(r"^sefp:(\d(?:,\d)*)$")
 
 
@@ -127,6 +128,10 @@ def _layer_shapes(manifest: dict) -> dict[str, tuple[int, int]]:
     return {n: (l["in_features"], l["out_features"]) for n, l in manifest["layers"].items()}
 
 
+def _head_layers(manifest: dict) -> set[str]:
+    return {manifest["head"]["layer"]} if manifest.get("head") else set()
+
+
 def _sefp_tensor(layer, fmt: SEFPFormat) -> SEFPTensor:
     return SEFPTensor(layer.mantissa.numpy(), layer.shared.numpy(), layer.in_features, fmt)
 
@@ -138,6 +143,10 @@ def _int_tensor(layer) -> IntTensor:
 
 def _nbits(B, scales, zp, layer, container: int, G: int) -> rewrite.NBitsWeight:
     return rewrite.NBitsWeight(B, scales, zp, layer.in_features, layer.out_features, container, G)
+
+
+def _linears(located: dict) -> dict:
+    return {k: v for k, v in located.items() if k != EMBEDDING}
 
 
 def _files(root: Path, names) -> dict[str, dict]:
@@ -193,13 +202,18 @@ def _float_bytes(proto_path: Path, quantized_inits: set[str]) -> int:
     return total
 
 
-def _precision_sizes(fmt: SEFPFormat, layers: dict[str, tuple[int, int]], float_bytes: int) -> dict[str, dict]:
-    """What a runtime holds at each b (MatMulNBits container + fp32 scales + the float rest):
-    also the size of a separate per-bit file, the model-zoo alternative."""
+def _precision_sizes(fmt: SEFPFormat, layers: dict[str, tuple[int, int]], float_bytes: int, head=None) -> dict[str, dict]:
+    """What a runtime holds at each b (MatMulNBits container + fp32 scales + the float rest; a
+    quantized head at its own bits): also the size of a separate per-bit file, the model-zoo
+    alternative."""
+    def nbytes(K, N, b):
+        c = fmt.container_bits(b)
+        return -(-K // fmt.group_size) * N * (fmt.group_size * (c or 16) // 8 + 4)
+
     out = {}
     for b in fmt.bits:
         c = fmt.container_bits(b)
-        w = sum(-(-K // fmt.group_size) * N * (fmt.group_size * (c or 16) // 8 + 4) for K, N in layers.values())
+        w = sum(nbytes(K, N, head.bits if head is not None and n == head.layer else b) for n, (K, N) in layers.items())
         out[str(b)] = {"container_bits": c, "weight_bytes": w, "model_bytes": w + float_bytes}
     return out
 
@@ -240,7 +254,10 @@ class _Exporter:
             if not isinstance(fmt, IntFormat):
                 raise OtaroError(f"variant source {v.source} holds {fmt.name} weights; variants from other "
                                  f"checkpoints must be integer (GPTQ/AWQ/RTN); use sefp:B for SEFP precisions")
-            if man["model_type"] != self.manifest["model_type"] or _layer_shapes(man) != shapes:
+            # A quantized head (otaro.head) is the SEFP model's own; integer checkpoints keep theirs float.
+            ours = {n: v for n, v in shapes.items() if n not in _head_layers(self.manifest)}
+            theirs = {n: v for n, v in _layer_shapes(man).items() if n not in _head_layers(man)}
+            if man["model_type"] != self.manifest["model_type"] or theirs != ours:
                 raise OtaroError(f"variant source {v.source} is a different model than {cfg.checkpoint} "
                                  f"(architecture or layer shapes differ)")
             method = (man.get("method") or {}).get("name")
@@ -257,7 +274,11 @@ class _Exporter:
         fmodel = trace.float_copy(model)
         path = trace.trace_decoder(fmodel, where)
         proto = onnx.load(str(path), load_external_data=False)
-        located = trace.locate_linears(onnx.load(str(path)), fmodel, list(self.manifest["layers"]))
+        full = onnx.load(str(path))
+        located = trace.locate_linears(full, fmodel, list(model.otaro.layers))
+        head = model.otaro.head
+        if head is not None:
+            located = {**located, EMBEDDING: trace.locate_embedding(full, fmodel, head.embedding)}
         return path, fmodel.config.to_dict(), proto.graph, located
 
     def write_main(self, out: Path, scratch: Path) -> dict:
@@ -267,7 +288,10 @@ class _Exporter:
         layers = self.model.otaro.layers
         proto = onnx.load(str(self.traced))
         tensors = {n: _sefp_tensor(self.model.get_submodule(n), self.fmt) for n in layers}
-        rewrite.rewrite_sefp(proto, self.located, tensors, self.fmt, self.default_bits)
+        head = self.model.otaro.head
+        rewrite.rewrite_sefp(proto, _linears(self.located), tensors, self.fmt, self.default_bits,
+                             head=(head.layer, head.bits) if head is not None else None)
+        self._rewrite_embedding(proto, self.located)
         self.tied = rewrite.share_tied_head(proto)
         rewrite.finalize(proto, {"otaro.artifact": str(FORMAT_VERSION), "otaro.format": self.fmt.name,
                                  "otaro.bits_input": ops.BITS_INPUT, "otaro.default_bits": str(self.default_bits),
@@ -279,6 +303,21 @@ class _Exporter:
         self.float_bytes = _float_bytes(out / "model.onnx", quantized)
         return {"model_files": [f.name for f in files], "side_files": side}
 
+    def _rewrite_embedding(self, proto, located) -> None:
+        head = self.model.otaro.head
+        if head is None:
+            return
+        emb = self.model.get_submodule(head.embedding)
+        codes = head.layer if head.tied else head.embedding
+        m, sh = emb.codes()
+        tensor = SEFPTensor(m.numpy(), sh.numpy(), emb.embedding_dim, self.fmt)
+        rewrite.rewrite_embedding(proto, located[EMBEDDING], codes, tensor, self.fmt)
+
+    def _bits_of(self, name: str, bits: int) -> int:
+        """A layer's bits in a fixed-precision copy: the head keeps its own (otaro.head)."""
+        head = self.model.otaro.head
+        return head.bits if head is not None and name == head.layer else bits
+
     def write_variant(self, v: VariantSpec, out: Path, scratch: Path) -> dict:
         dest = out / "variants" / v.name
         dest.mkdir(parents=True)
@@ -287,7 +326,7 @@ class _Exporter:
             weights = {}
             for n in model.otaro.layers:
                 layer = model.get_submodule(n)
-                B, s, c = sefp_to_matmulnbits(_sefp_tensor(layer, self.fmt), v.bits)
+                B, s, c = sefp_to_matmulnbits(_sefp_tensor(layer, self.fmt), self._bits_of(n, v.bits))
                 weights[n] = _nbits(B, s, None, layer, c, self.fmt.group_size)
             fmt_name, bits, container = self.fmt.name, v.bits, self.fmt.container_bits(v.bits)
         else:
@@ -305,7 +344,9 @@ class _Exporter:
             raise OtaroError(f"variant {v.name}: {self.fmt.name} at {v.bits} bits has no MatMulNBits container")
         self.say(f"writing variant {v.name} (MatMulNBits, {container}-bit container, accuracy_level {self.cfg.accuracy_level})")
         proto = onnx.load(str(traced))
-        rewrite.rewrite_matmulnbits(proto, located, weights, self.cfg.accuracy_level)
+        rewrite.rewrite_matmulnbits(proto, _linears(located), weights, self.cfg.accuracy_level)
+        if v.kind == "sefp":
+            self._rewrite_embedding(proto, located)
         rewrite.share_tied_head(proto)
         rewrite.finalize(proto, {"otaro.artifact": str(FORMAT_VERSION), "otaro.format": fmt_name,
                                  "otaro.variant": v.name, **_decoder_metadata(model.config)})
@@ -391,10 +432,11 @@ class _Exporter:
                 "default_bits": self.default_bits,
                 "accuracy_level": cfg.accuracy_level,
                 "tied_head": self.tied,
+                "head": self.model.otaro.head.record() if self.model.otaro.head is not None else None,
                 "layers": {n: {"in_features": K, "out_features": N, "node": self.located[n][1]}
                            for n, (K, N) in shapes.items()},
                 "float_bytes": self.float_bytes,
-                "precisions": _precision_sizes(self.fmt, shapes, self.float_bytes),
+                "precisions": _precision_sizes(self.fmt, shapes, self.float_bytes, self.model.otaro.head),
                 "files": _files(out, main["side_files"]),
                 "variants": variants,
                 "validation": validation,

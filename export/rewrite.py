@@ -24,6 +24,7 @@ from otaro.formats.table import SEFPFormat
 from otaro.io import _umask
 
 DATA_SUFFIX = "_data"  # optimum's name for the external data file: model.onnx_data
+HEAD_BITS, EMBED_BITS = ops.HEAD_BITS_INPUT, ops.EMBED_BITS_INPUT
 
 
 @dataclass(frozen=True)
@@ -51,20 +52,26 @@ def _still_used(proto: onnx.ModelProto, names: set[str]) -> set[str]:
 
 
 def rewrite_sefp(proto: onnx.ModelProto, located: dict[str, tuple[int, str]], tensors: dict[str, SEFPTensor],
-                 fmt: SEFPFormat, default_bits: int) -> None:
+                 fmt: SEFPFormat, default_bits: int, head: tuple[str, int] | None = None) -> None:
     """Every located MatMul -> ``ai.otaro.SefpMatMul_*``; adds the ``sefp_bits`` initializer
-    (a plain initializer, *not* a graph input: constant, so runtimes fold the decode)."""
+    (a plain initializer, *not* a graph input: constant, so runtimes fold the decode). A
+    quantized head (``(name, bits)``) reads its own constant, ``sefp_head_bits``: editing
+    ``sefp_bits`` switches the decoder layers only, as everywhere else (otaro.head)."""
     fmt.check_bits(default_bits)
     add, drop = [], set()
     for name, (k, w_name) in located.items():
         node = proto.graph.node[k]
         mant, scale8 = ops.sefp_initializers(tensors[name])
         add += [numpy_helper.from_array(mant, f"{name}.mantissa"), numpy_helper.from_array(scale8, f"{name}.scale8")]
+        bits = HEAD_BITS if head is not None and name == head[0] else ops.BITS_INPUT
         new = ops.sefp_node(fmt, node.input[0], f"{name}.mantissa", f"{name}.scale8", node.output[0],
-                            name=node.name.removesuffix("MatMul") + ops.SEFP_OP)
+                            name=node.name.removesuffix("MatMul") + ops.SEFP_OP, bits=bits)
         proto.graph.node[k].CopyFrom(new)
         drop.add(w_name)
     add.append(numpy_helper.from_array(np.array(default_bits, np.int64), ops.BITS_INPUT))
+    if head is not None:
+        fmt.check_bits(head[1])
+        add.append(numpy_helper.from_array(np.array(head[1], np.int64), HEAD_BITS))
     _replace_initializers(proto, drop - _still_used(proto, drop), add)
     proto.functions.append(ops.sefp_function(fmt))
 
@@ -86,6 +93,28 @@ def rewrite_matmulnbits(proto: onnx.ModelProto, located: dict[str, tuple[int, st
         proto.graph.node[k].CopyFrom(new)
         drop.add(w_name)
     _replace_initializers(proto, drop - _still_used(proto, drop), add)
+
+
+def rewrite_embedding(proto: onnx.ModelProto, located: tuple[int, str], codes: str, tensor: SEFPTensor,
+                      fmt: SEFPFormat) -> None:
+    """The embedding's ``Gather(table, ids)`` -> ``ai.otaro.SefpGather`` on the SEFP code named
+    ``codes`` (``codes.mantissa`` / ``codes.scale8``): the head's when tied (already in the graph,
+    so stored once), else the embedding's own, added from ``tensor``. Decoded at the top bits."""
+    k, w_name = located
+    node = proto.graph.node[k]
+    have = {t.name for t in proto.graph.initializer}
+    add = []
+    if f"{codes}.mantissa" not in have:
+        mant, scale8 = ops.sefp_initializers(tensor)
+        add += [numpy_helper.from_array(mant, f"{codes}.mantissa"), numpy_helper.from_array(scale8, f"{codes}.scale8")]
+    if EMBED_BITS not in have:
+        add.append(numpy_helper.from_array(np.array(fmt.top_bits, np.int64), EMBED_BITS))
+    new = ops.sefp_gather_node(fmt, node.input[1], f"{codes}.mantissa", f"{codes}.scale8", node.output[0],
+                               name=node.name.removesuffix("Gather") + ops.GATHER_OP, bits=EMBED_BITS)
+    proto.graph.node[k].CopyFrom(new)
+    _replace_initializers(proto, {w_name} - _still_used(proto, {w_name}), add)
+    if not any(f.name == ops.gather_function_name(fmt) for f in proto.functions):
+        proto.functions.append(ops.sefp_gather_function(fmt))
 
 
 def share_tied_head(proto: onnx.ModelProto) -> str | None:

@@ -27,6 +27,16 @@ from otaro.modules import quant_layers
 TASK = "text-generation-with-past"
 
 
+class _FloatEmbedding(nn.Embedding):
+    """nn.Embedding, times ``embed_scale`` when the original had one (Gemma 3's scaled embedding)."""
+
+    embed_scale = None
+
+    def forward(self, ids):
+        rows = super().forward(ids)
+        return rows if self.embed_scale is None else rows * self.embed_scale.to(rows.dtype)
+
+
 def float_copy(model: nn.Module) -> nn.Module:
     """The model with every quantized layer replaced by an ``nn.Linear`` holding its decoded
     weight at the current precision (the values do not matter: the rewrite replaces them, but
@@ -41,6 +51,15 @@ def float_copy(model: nn.Module) -> nn.Module:
                 lin.bias.copy_(layer.bias.float())
         parent, _, leaf = name.rpartition(".")
         setattr(fmodel.get_submodule(parent) if parent else fmodel, leaf, lin)
+    head = model.otaro.head
+    if head is not None:  # the quantized embedding, as the float table it decodes to
+        emb = model.get_submodule(head.embedding)
+        femb = _FloatEmbedding(emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx)
+        with torch.no_grad():
+            femb.weight.copy_(emb.dequantized().float())
+        femb.embed_scale = None if emb.embed_scale is None else emb.embed_scale.detach().clone()
+        parent, _, leaf = head.embedding.rpartition(".")
+        setattr(fmodel.get_submodule(parent) if parent else fmodel, leaf, femb)
     for attr in ("otaro", "otaro_manifest"):
         if hasattr(fmodel, attr):
             delattr(fmodel, attr)
@@ -93,6 +112,22 @@ def scope_of(module_name: str) -> str:
         else:
             parts.append(p)
     return "/" + "/".join(parts)
+
+
+def locate_embedding(proto: onnx.ModelProto, fmodel: nn.Module, name: str) -> tuple[int, str]:
+    """(index of the embedding's Gather node, name of its table initializer), checked by value
+    as :func:`locate_linears` does."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    scope = scope_of(name) + "/"
+    ref = fmodel.get_submodule(name).weight.detach().numpy()
+    for k, node in enumerate(proto.graph.node):
+        if node.op_type != "Gather" or not node.name.startswith(scope) or node.input[0] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[0]])
+        if w.shape == ref.shape and np.array_equal(w, ref):
+            return k, node.input[0]
+    raise OtaroError(f"could not find the Gather of embedding {name} in the exported graph (expected a node "
+                     f"under {scope} reading its table)")
 
 
 def locate_linears(proto: onnx.ModelProto, fmodel: nn.Module, names: list[str]) -> dict[str, tuple[int, str]]:

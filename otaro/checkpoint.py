@@ -34,10 +34,11 @@ from otaro.modules import LINEAR_CLASSES, QuantInfo, SEFPLinear, attach, quant_l
 
 MANIFEST = "otaro.json"
 WEIGHTS = "model.safetensors"
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 # Version 1 (before the unbiased derivations) still loads: its codes are the same kind of data;
 # only the meaning of the rounding name "nearest" changed (now "halfup" in the table).
-READABLE_VERSIONS = (1, 2)
+# Version 3 adds the quantized head and embedding ("head"; otaro.head); 1 and 2 have float ones.
+READABLE_VERSIONS = (1, 2, 3)
 
 
 def _format_record(fmt: Format) -> dict[str, Any]:
@@ -98,6 +99,8 @@ def save(model, path: str | Path, tokenizer=None, overwrite: bool = False, extra
         if tokenizer is not None:
             tokenizer_names = [Path(p).name for p in tokenizer.save_pretrained(tmp) if Path(p).parent == tmp]
         layer_names = set(layers)
+        if info.head is not None:
+            layer_names.add(info.head.embedding)
         manifest = {
             "otaro_checkpoint": CHECKPOINT_VERSION,
             "otaro_version": __version__,
@@ -112,6 +115,7 @@ def save(model, path: str | Path, tokenizer=None, overwrite: bool = False, extra
                 for n, l in layers.items()
             },
             "high_precision": sorted(k for k in state if k.rpartition(".")[0] not in layer_names),
+            "head": info.head.record() if info.head is not None else None,
             "tied": _tied_names(model),
             "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size},
             # Tokenizer files are read by transformers and copied into exports: checksummed like
@@ -220,7 +224,18 @@ def _build_skeleton(path: Path, manifest: dict, fmt: Format, dtype: torch.dtype)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, mod)
         names.append(name)
-    attach(model, QuantInfo(fmt, adapter.name, tuple(names)))
+    head = None
+    if manifest.get("head") is not None:
+        from otaro.head import HeadInfo, install_head
+
+        head = HeadInfo.from_record(manifest["head"], CheckpointError)
+        if head.layer not in manifest["layers"] or not isinstance(fmt, SEFPFormat):
+            raise CheckpointError(f"the manifest's head {head.layer!r} is not one of its SEFP layers")
+        try:
+            install_head(model, head, fmt, dtype)
+        except OtaroError as e:
+            raise CheckpointError(str(e)) from None
+    attach(model, QuantInfo(fmt, adapter.name, tuple(names), head=head))
     return model
 
 
@@ -260,7 +275,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, verify: bool = Tr
         if t.is_floating_point() and t.dtype != dtype:
             state[k] = t.to(dtype)
     model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
+    if model.otaro.head is None:  # a quantized tied head shares its code by construction (otaro.head)
+        model.tie_weights()
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
         raise CheckpointError(f"{wpath} left parameters uninitialised: {leftover[:3]}")

@@ -152,6 +152,24 @@ class _QuantizeCommand(click.Command):
         super().format_epilog(ctx, formatter)
 
 
+class _HeadBits(click.ParamType):
+    """--head-bits: auto | float | a bit-width 2-8."""
+
+    name = "auto|float|2-8"
+
+    def convert(self, value, param, ctx):
+        if value in ("auto", "float", None) or isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.isdigit() and 2 <= int(value) <= 8:
+            return int(value)
+        self.fail(f"{value!r} is not auto, float or a bit-width 2-8", param, ctx)
+
+
+HEAD_BITS_HELP = ("The LM head and the embedding: stored as SEFP codes with the head at this precision (its own: "
+                  "a plain --bits/set_precision switch leaves it, the pattern lm_head=B changes it), or float. "
+                  "auto: 8 for SEFP formats, float for integer formats.")
+
+
 def _format_choice():
     from otaro.formats import quantized_format_names
 
@@ -218,8 +236,10 @@ def formats(family, as_json):
                    "channel's curvature is its largest over the tasks; max-psd: the element-wise max, projected onto "
                    "the positive semi-definite matrices GPTQ needs; max: the literal max (GPTQ raises its damping "
                    "where it is not PSD).")
+@click.option("--head-bits", "head_bits", type=_HeadBits(), default="auto", show_default=True, help=HEAD_BITS_HELP)
 def quantize(model, output, method, fmt, overwrite, calib, calib_samples, calib_len, calib_seed, bits, damp,
-             act_order, block_size, scale_search, search_samples, save_format, tasks, task_stats, ml_hessian):
+             act_order, block_size, scale_search, search_samples, save_format, tasks, task_stats, ml_hessian,
+             head_bits):
     """Quantize MODEL and write a checkpoint (safetensors + otaro.json manifest).
 
     An SEFP checkpoint stores 8-bit mantissas and per-group exponents once; every precision
@@ -239,7 +259,7 @@ def quantize(model, output, method, fmt, overwrite, calib, calib_samples, calib_
                          calib_samples=calib_samples, calib_len=calib_len, calib_seed=calib_seed, bits=bits or (),
                          damp=damp, act_order=act_order, block_size=block_size, scale_search=scale_search,
                          search_samples=search_samples, save_format=save_format, tasks=tuple(tasks), task_stats=task_stats,
-                         ml_hessian=ml_hessian)
+                         ml_hessian=ml_hessian, head_bits=None if head_bits == "float" else head_bits)
     from otaro.progress import progress
 
     with progress(desc=f"{method} {fmt}", unit="layer") as bar:
@@ -264,8 +284,11 @@ def quantize(model, output, method, fmt, overwrite, calib, calib_samples, calib_
                    "same vocabulary and tokenizer) [default: the checkpoint's source model, or MODEL itself].")
 @click.option("--no-reference", is_flag=True, help="Skip the KLD and top-1 metrics.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Folder for eval.json and eval.png [default: ./eval-<model>].")
+@click.option("--head-bits", "head_bits", type=_HeadBits(), default="auto", show_default=True,
+              help="With --format: the head and embedding of the model quantized on the fly, as `otaro quantize "
+                   "--head-bits` stores them (a checkpoint is evaluated as stored).")
 def eval_cmd(model, texts, corpora, bits, fmts, no_baseline, seq_len, max_windows, batch_size, threads, reference,
-             no_reference, output):
+             no_reference, output, head_bits):
     """Perplexity, bits-per-byte and fidelity to an unquantized reference of MODEL at each bit-width.
 
     MODEL is an otaro checkpoint (evaluated at --bits), or an unquantized model evaluated in
@@ -292,6 +315,7 @@ def eval_cmd(model, texts, corpora, bits, fmts, no_baseline, seq_len, max_window
         model=model, texts=tuple(texts) + tuple(f"corpus:{c}" for c in corpora), bits=bits, formats=tuple(fmts),
         baseline=not no_baseline, seq_len=seq_len, max_windows=max_windows or None, batch_size=batch_size,
         threads=threads, reference=reference, use_reference=not no_reference,
+        head_bits=None if head_bits == "float" else head_bits,
     )
     from otaro.io import check_writable_output
 
@@ -356,10 +380,12 @@ def inspect(path, as_json):
 @click.option("--overwrite", is_flag=True, help="Replace an existing output / run folder.")
 @click.option("--ignore-memory-check", is_flag=True,
               help="Train even if the up-front estimate of peak memory exceeds the memory available.")
+@click.option("--head-bits", "head_bits", type=_HeadBits(), default="auto", show_default=True,
+              help=HEAD_BITS_HELP + " The head is trained in float and stored as codes at the end.")
 def finetune(model, data, output, bits, fmt, path_name, fixed_bits, segment_len, explore, ucb_c, epsilon, score, laa,
              laa_threshold, laa_k, steps, seq_len, batch_size, lr, schedule, warmup_steps, grad_clip, weight_decay,
              distill, mixed_precision, gradient_checkpointing, heldout_fraction, eval_every, save_every, seed, resume,
-             overwrite, ignore_memory_check):
+             overwrite, ignore_memory_check, head_bits):
     """Fine-tune MODEL once so that one SEFP checkpoint is good at every bit-width in --bits.
 
     Each step runs the model at the bit-width the path picks (BPS: a score per bit-width plus
@@ -380,6 +406,7 @@ def finetune(model, data, output, bits, fmt, path_name, fixed_bits, segment_len,
         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
         heldout_fraction=heldout_fraction, eval_every=eval_every, save_every=save_every, seed=seed, resume=resume,
         overwrite=overwrite, ignore_memory_check=ignore_memory_check,
+        head_bits=None if head_bits == "float" else head_bits,
     )
     path = run(cfg)
     if path is not None:

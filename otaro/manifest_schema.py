@@ -185,6 +185,7 @@ CHECKPOINT_SCHEMA = {
     "weights": {"file": str, "sha256": str, "bytes": Opt(NONNEG_INT)},
     "high_precision": ListOf(str),
     "tied": MapOf(str),
+    "head": Opt((None, {"layer": str, "embedding": str, "tied": bool, "bits": int})),
     "default_bits": Opt((int, None)),
     "trained_bits": Opt((None, ListOf(int))),
     "method": Opt({"name": Opt(str)}),

@@ -214,7 +214,8 @@ class QuantInfo:
 
     fmt: Format
     arch: str
-    layers: tuple[str, ...]  # full module names of the quantized linears
+    layers: tuple[str, ...]  # full module names of the quantized linears (the head last, when quantized)
+    head: object = None  # otaro.head.HeadInfo when the head and embedding are quantized
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -272,16 +273,25 @@ def resolve_precision(model: nn.Module, spec: PrecisionSpec) -> dict[str, int | 
     Patterns are fnmatch globs on layer names without the model prefix (``layers.0.mlp.*``);
     later entries override earlier ones, so ``{"*": 4, "layers.0.*": 8}`` reads naturally.
     Every pattern must match some layer (a typo must not silently do nothing).
+    A quantized head (otaro.head) has its own precision: an int or None resets it to its
+    default, and only a pattern that names it (``lm_head``, not ``*``) changes it.
     """
+    from otaro.formats.precision import reaches_head
+
     layers = quant_layers(model)
     adapter = get_adapter(model)
+    head = model.otaro.head
+    head_name = head.layer if head is not None else None
     if spec is None or isinstance(spec, int) and not isinstance(spec, bool):
-        return {name: spec for name in layers}
+        return {name: (head.bits if name == head_name else spec) for name in layers}
     if not isinstance(spec, Mapping):
         raise FormatError(f"precision must be a bit-width or a {{pattern: bits}} mapping, got {spec!r}")
     out: dict[str, int | None] = {name: layer.bits for name, layer in layers.items()}
     for pattern, bits in spec.items():
-        hits = [n for n in layers if fnmatch.fnmatchcase(adapter.short_name(n), pattern) or fnmatch.fnmatchcase(n, pattern)]
+        hits = [n for n in layers if n != head_name and
+                (fnmatch.fnmatchcase(adapter.short_name(n), pattern) or fnmatch.fnmatchcase(n, pattern))]
+        if head_name is not None and reaches_head(pattern, head_name, adapter.short_name(head_name)):
+            hits.append(head_name)
         if not hits:
             example = adapter.short_name(next(iter(layers)))
             raise FormatError(f"precision pattern {pattern!r} matches no quantized layer (names look like {example!r})")

@@ -59,6 +59,10 @@ class QuantizeConfig:
     # max projected onto the PSD cone, "max" the literal max (often not PSD: GPTQ then raises its
     # damping). diag-max is the one that beat pooled GPTQ in benchmarks/int_ptq.py's two tasks.
     ml_hessian: str = "diag-max"
+    # The LM head and the embedding (otaro.head): "auto" = SEFP codes with the head at 8 bits for
+    # SEFP formats, float for integer formats (their layouts have no quantized head); an int
+    # 2-8 = that head precision (SEFP formats only); None = float (the model's dtype).
+    head_bits: int | str | None = "auto"
     version: int = QUANTIZE_CONFIG_VERSION
 
     def __post_init__(self):
@@ -93,6 +97,7 @@ class QuantizeConfig:
         if self.search_samples < 1:
             raise OtaroError(f"--search-samples must be at least 1 (got {self.search_samples})")
         self._check_save_format(fmt)
+        resolve_head_bits(self.head_bits, fmt)
         out = Path(self.output)
         # Before "already exists": with --overwrite it would replace (delete) the model or calibration text.
         refuse_output_over_inputs(out, [self.model, *(c for c in calib if not c.startswith("corpus:"))])
@@ -137,6 +142,23 @@ class QuantizeConfig:
             raise FormatError(f"--bits for {fmt.name}: {e}") from None
 
 
+def resolve_head_bits(head_bits, fmt) -> int | None:
+    """The head precision a config's ``head_bits`` means for ``fmt`` (see QuantizeConfig)."""
+    from otaro.head import default_head_bits
+
+    if head_bits == "auto":
+        return default_head_bits(fmt) if fmt.family == "sefp" else None
+    if head_bits is None or head_bits == "float":
+        return None
+    if isinstance(head_bits, bool) or not isinstance(head_bits, int):
+        raise OtaroError(f"--head-bits must be auto, float or a bit-width 2-8 (got {head_bits!r})")
+    if fmt.family != "sefp":
+        raise FormatError(f"--head-bits {head_bits}: the head is stored as SEFP, and {fmt.name} is an integer "
+                          f"format (its layouts keep a float head); drop --head-bits")
+    fmt.check_bits(head_bits)
+    return head_bits
+
+
 def quantize(config: QuantizeConfig, progress=None) -> Path:
     """Run the method and save the checkpoint; returns the output folder."""
     from otaro.methods import get_method
@@ -167,6 +189,11 @@ def quantize(config: QuantizeConfig, progress=None) -> Path:
             calibration = calibration_windows(src.tokenizer, config.calib, config.calib_samples, config.calib_len,
                                               seed=config.calib_seed, max_positions=max_pos)
     model = method.run(src.model, fmt, config, calibration, progress)
+    head_bits = resolve_head_bits(config.head_bits, fmt)
+    if head_bits is not None:
+        from otaro.head import quantize_head
+
+        quantize_head(model, head_bits)
     extra = {"method": {"name": method.name, "config": asdict(config)}, "source": {"model": config.model, "kind": src.kind}}
     path = saver.save(model, config.output, tokenizer=src.tokenizer, overwrite=config.overwrite, extra=extra)
     if method.after_save is not None:

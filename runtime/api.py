@@ -227,8 +227,10 @@ class Runtime:
         """Per-layer bits of ``spec`` (a mapping applies on top of the active precision)."""
         # Before the first switch (a per-layer spec at load), patterns apply to the default bits.
         b = self.manifest["default_bits"]
-        current = self._active or Precision((b,) * len(self.layers), str(b))
-        return resolve_precision(spec, self.layers, self._prefix, self.bits_available, current)
+        head = self.manifest.get("head")
+        head = (head["layer"], head["bits"]) if head else None
+        current = self._active or resolve_precision(b, self.layers, self._prefix, self.bits_available, None, head)
+        return resolve_precision(spec, self.layers, self._prefix, self.bits_available, current, head)
 
     def set_precision(self, spec: PrecisionSpec) -> SwitchReport:
         """Make ``spec`` the default precision of new requests: ``4`` or ``{"*": 4, "layers.0.*": 8}``.

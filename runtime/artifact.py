@@ -23,9 +23,11 @@ from otaro.formats.table import V1_ROUNDINGS, SEFPFormat
 from otaro.manifest_schema import NONNEG_INT, POS_INT, ListOf, MapOf, Opt, check, load_json
 
 MANIFEST = "otaro_artifact.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # v1 artifacts (before the unbiased derivations) still load: their rounding names are remapped.
-READABLE_VERSIONS = (1, 2)
+# v3 adds the quantized head ("head": the layer with a precision of its own) and embedding
+# (an ai.otaro.SefpGather node); v1/v2 have float ones and load unchanged.
+READABLE_VERSIONS = (1, 2, 3)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -93,6 +95,11 @@ def validate(m: Any) -> dict:
     for name, rec in layers.items():
         if not isinstance(rec, dict) or not all(isinstance(rec.get(k), int) for k in ("in_features", "out_features")):
             raise ArtifactError(f"manifest layer {name!r} needs in_features and out_features")
+    head = m.get("head")
+    if head is not None:
+        if not isinstance(head, dict) or head.get("layer") not in layers or not isinstance(head.get("bits"), int) \
+                or head["bits"] not in bits:
+            raise ArtifactError(f"manifest head {head!r} must name one of its layers and bits among {bits}")
     _check_files(_require(m, "files", dict), "manifest")
     for v in _require(m, "variants", list):
         if not isinstance(v, dict):
@@ -118,6 +125,7 @@ ARTIFACT_SCHEMA = {
     "trained_bits": Opt((None, ListOf(int))),
     "variants": ListOf({"path": str, "bits": int, "container_bits": (int, None), "accuracy_level": int,
                         "files": FILES}),
+    "head": Opt((None, {"layer": str, "embedding": str, "tied": bool, "bits": int})),
     "tools": Opt(MapOf((str, None))),
     "created": Opt(str),
     "source": Opt(dict),

@@ -53,10 +53,12 @@ class Precision:
 
     bits: tuple[int, ...]
     label: str
+    head: int | None = None  # index of a quantized head (its own precision: not part of "uniform")
 
     @property
     def uniform(self) -> int | None:
-        return self.bits[0] if len(set(self.bits)) == 1 else None
+        body = {b for i, b in enumerate(self.bits) if i != self.head}
+        return body.pop() if len(body) == 1 else None
 
 
 def spec_label(spec: PrecisionSpec) -> str:
@@ -86,14 +88,20 @@ def parse_precision(text: str) -> PrecisionSpec:
 
 
 def resolve_precision(spec: PrecisionSpec, layers: Sequence[str], prefix: str, allowed: Sequence[int],
-                      current: Precision) -> Precision:
+                      current: Precision, head: tuple[str, int] | None = None) -> Precision:
     """Per-layer bits from an int or a ``{glob: bits}`` mapping, as ``otaro.modules`` does on the
     torch side: globs match layer names without the model prefix (or the full name), later
     entries win, unmatched layers keep ``current``, and a pattern matching nothing is an error
-    (a typo must not silently do nothing). Everything is checked before anything changes."""
+    (a typo must not silently do nothing). Everything is checked before anything changes.
+    ``head`` = (name, default bits) of a quantized head: a bit-width resets it to its default,
+    and only a pattern naming it (``lm_head``; not ``*``) changes it (otaro.head)."""
+    from otaro.formats.precision import reaches_head
+
+    head_name, head_bits = head if head is not None else (None, None)
+    head_index = list(layers).index(head_name) if head_name in layers else None
     if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
         b = check_bits(int(spec), allowed)
-        return Precision((b,) * len(layers), str(b))
+        return Precision(tuple(head_bits if n == head_name else b for n in layers), str(b), head_index)
     if not isinstance(spec, Mapping) or not spec:
         raise FormatError(f"precision must be a bit-width or a non-empty {{pattern: bits}} mapping, got {spec!r}")
     out = list(current.bits)
@@ -103,13 +111,14 @@ def resolve_precision(spec: PrecisionSpec, layers: Sequence[str], prefix: str, a
             raise FormatError(f"precision pattern {pattern!r} is not a string")
         bits = check_bits(bits, allowed)
         hits = [i for i, (s, n) in enumerate(zip(short, layers))
-                if fnmatch.fnmatchcase(s, pattern) or fnmatch.fnmatchcase(n, pattern)]
+                if (reaches_head(pattern, n, s) if n == head_name
+                    else fnmatch.fnmatchcase(s, pattern) or fnmatch.fnmatchcase(n, pattern))]
         if not hits:
             raise FormatError(f"precision pattern {pattern!r} matches no quantized layer "
                               f"(names look like {short[0]!r})")
         for i in hits:
             out[i] = bits
-    return Precision(tuple(out), spec_label(spec))
+    return Precision(tuple(out), spec_label(spec), head_index)
 
 
 # --------------------------------------------------------------------------- the master
@@ -145,6 +154,8 @@ class Master:
         model, sefp = manifest["model"], manifest["sefp"]
         self.fmt = SEFPFormat(group_size=sefp["group_size"], rounding=sefp["rounding"], scale=sefp.get("scale", "pow2"))
         self.function, self.domain = sefp["function"], sefp["domain"]
+        head = manifest.get("head")
+        self.head: tuple[str, int] | None = (head["layer"], head["bits"]) if head else None
         self.data_name = model["data"]
         try:
             self.proto = onnx.load(str(root / model["file"]), load_external_data=False)
@@ -159,9 +170,13 @@ class Master:
                 if ext.get("location") != self.data_name or end > self.data.size or "length" not in ext:
                     raise ArtifactError(f"tensor {t.name} points outside {self.data_name} (corrupt or foreign model)")
         stored = {f"{n}.{k}" for n in manifest["layers"] for k in ("mantissa", "scale8")}
+        # Stored codes that other nodes read too (a quantized tied embedding's SefpGather reads
+        # the head's): kept in every precision's graph and shared, not replaced by packed ones.
+        self.also_read = {i for n in self.proto.graph.node if n.op_type != self.function
+                          for i in n.input if i in stored}
         # Float weights big enough to be external (small ones stay inline in the graph).
         self.shared = {n: self._array(t) for n, t in inits.items()
-                       if t.data_location == TensorProto.EXTERNAL and n not in stored}
+                       if t.data_location == TensorProto.EXTERNAL and (n not in stored or n in self.also_read)}
         # Before the node indices below are taken: removing the tied head's Transpose shifts
         # every later node (an IndexError on graphs where it comes before the layers, as
         # Gemma-style exports have it).
@@ -175,6 +190,10 @@ class Master:
                 raise ArtifactError(f"the model has no {self.function} node for layer {name} "
                                     f"(corrupt or foreign model)")
             self.layers[name] = StoredLayer(name, nodes[m_name], self._array(inits[m_name]), self._array(inits[s_name]))
+
+    def uniform(self, bits: int) -> Precision:
+        """Every decoder layer at ``bits``; a quantized head at its own bits."""
+        return resolve_precision(bits, list(self.layers), "", [bits], None, self.head)
 
     def _share_transposed_heads(self, inits: dict[str, TensorProto]) -> None:
         """A tied head is stored once, as ``Transpose(embedding)`` (see export/rewrite.py).
@@ -294,13 +313,16 @@ def build_model(master: Master, precision: Precision, containers: Callable[[int]
                                            name=node.name.removesuffix(ops.SEFP_OP) + "MatMulNBits",
                                            K=layer.K, N=layer.N, bits=c, block_size=fmt.group_size,
                                            accuracy_level=accuracy_level))
-    drop.add(ops.BITS_INPUT)  # each kept node reads its own constant below
+    drop -= master.also_read
+    drop |= {ops.BITS_INPUT, ops.HEAD_BITS_INPUT}  # each kept node reads its own constant below
     add += [numpy_helper.from_array(np.array(b, np.int64), f"{ops.BITS_INPUT}.{b}") for b in sorted(kept_bits)]
     keep = [t for t in g.initializer if t.name not in drop]
     g.ClearField("initializer")
     g.initializer.extend(keep + add)
-    if not kept_bits:
+    if not kept_bits:  # no SefpMatMul left (a SefpGather of a quantized embedding may be)
+        keep_fns = [f for f in proto.functions if f.name != master.function]
         del proto.functions[:]
+        proto.functions.extend(keep_fns)
     return BuiltModel(proto.SerializeToString(), files, master.shared,
                       sum(a.nbytes for k, a in files.items() if k != master.data_name))
 

@@ -88,12 +88,20 @@ def test_run_eval_rows_report_and_plot(tmp_path, text_file):
 
 def test_checkpoint_eval_matches_on_the_fly_quantization(tmp_path, text_file):
     from otaro import checkpoint
+    from otaro.head import quantize_head
     from otaro.modules import convert
 
-    checkpoint.save(convert(tiny_model("llama"), "sefp-g64-nearest"), tmp_path / "ck", tokenizer=tiny_tokenizer())
+    # `otaro quantize` stores an 8-bit SEFP head by default; on-the-fly eval does the same
+    checkpoint.save(quantize_head(convert(tiny_model("llama"), "sefp-g64-nearest"), 8), tmp_path / "ck",
+                    tokenizer=tiny_tokenizer())
+    checkpoint.save(convert(tiny_model("llama"), "sefp-g64-nearest"), tmp_path / "ck-float", tokenizer=tiny_tokenizer())
     common = dict(texts=(str(text_file),), bits=(3, 6), seq_len=32, max_windows=2)
     a = run_eval(EvalConfig(str(tmp_path / "ck"), **common), False)["rows"]
     b = run_eval(EvalConfig("tiny-llama", formats=("sefp-g64-nearest",), baseline=False, **common), False)["rows"]
+    assert [r["ppl"] for r in a] == [r["ppl"] for r in b]
+    a = run_eval(EvalConfig(str(tmp_path / "ck-float"), **common), False)["rows"]
+    b = run_eval(EvalConfig("tiny-llama", formats=("sefp-g64-nearest",), baseline=False, head_bits=None, **common),
+                 False)["rows"]
     assert [r["ppl"] for r in a] == [r["ppl"] for r in b]
 
 

@@ -18,6 +18,7 @@ import torch
 from click.testing import CliRunner
 
 from otaro import checkpoint
+from otaro.runtime.artifact import FORMAT_VERSION
 from otaro.arch import ARCHS
 from otaro.arch.tiny import tiny_model, tiny_tokenizer
 from otaro.cli import cli
@@ -215,7 +216,7 @@ def test_cli_export_and_inspect(tmp_path):
               "validation vs torch"):
         assert s in r.output
     r = _invoke("inspect", tmp_path / "art", "--json")
-    assert json.loads(r.output)["otaro_artifact"] == 2
+    assert json.loads(r.output)["otaro_artifact"] == FORMAT_VERSION == 3
 
 
 def _fails(*args, match):

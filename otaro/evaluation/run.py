@@ -32,6 +32,10 @@ class EvalConfig:
     threads: int | None = None
     reference: str | None = None  # KLD/top-1 reference; None: the source model (see evaluation.reference)
     use_reference: bool = True  # False: skip KLD/top-1
+    # With --format: the head and embedding of the on-the-fly model, as `otaro quantize --head-bits`
+    # stores them ("auto": 8-bit SEFP head for SEFP formats, float for int; None: float).
+    # A checkpoint is evaluated as it is stored.
+    head_bits: int | str | None = "auto"
     version: int = EVAL_CONFIG_VERSION
 
     def __post_init__(self):
@@ -47,6 +51,11 @@ class EvalConfig:
             raise OtaroError(f"--batch-size must be positive (got {self.batch_size})")
         if self.reference is not None and not self.use_reference:
             raise OtaroError("--reference and --no-reference contradict each other")
+        from otaro.quantize import resolve_head_bits
+
+        if self.head_bits != "auto":
+            for f in self.formats:
+                resolve_head_bits(self.head_bits, get_format(f))
 
 
 def series_label(fmt) -> str:
@@ -88,8 +97,10 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict:
     from otaro.evaluation import reference as refs
     from otaro.evaluation.data import make_windows, read_text
     from otaro.evaluation.metrics import score
+    from otaro.head import quantize_head
     from otaro.modules import convert, set_precision
     from otaro.progress import progress
+    from otaro.quantize import resolve_head_bits
     from otaro.sources import fit_seq_len, load_source
     from otaro.tokens import leading_bos
 
@@ -133,6 +144,9 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict:
                 if fmt.name not in models:
                     models.clear()  # keep at most one quantized copy in memory
                     models[fmt.name] = convert(copy.deepcopy(src.model), fmt, packed=True)
+                    head_bits = resolve_head_bits(cfg.head_bits, fmt)
+                    if head_bits is not None:
+                        quantize_head(models[fmt.name], head_bits)
                 model = models[fmt.name]
             if fmt is not None and fmt.family == "sefp":
                 set_precision(model, bits)

@@ -30,8 +30,11 @@ from otaro.formats.table import ALL_BITS, TOP_BITS, SEFPFormat
 DOMAIN = "ai.otaro"
 DOMAIN_VERSION = 1
 SEFP_OP = "SefpMatMul"
+GATHER_OP = "SefpGather"  # a quantized embedding: rows of a stored [K, N] code, decoded at fixed bits
 MS_DOMAIN = "com.microsoft"
 BITS_INPUT = "sefp_bits"
+HEAD_BITS_INPUT = "sefp_head_bits"  # a quantized head's own precision in the single model (otaro.head)
+EMBED_BITS_INPUT = "sefp_embed_bits"  # the constant precision a quantized embedding decodes at
 OPSET = 21  # blocked DequantizeLinear
 IR_VERSION = 10  # what opset 21 needs; ORT >= 1.20 loads it (onnx 1.23 would stamp 14)
 
@@ -122,6 +125,43 @@ def sefp_function(fmt: SEFPFormat) -> onnx.FunctionProto:
         DOMAIN, function_name(fmt), ["X", "mantissa", "scale8", "bits"], ["Y"], nodes,
         opset_imports=[helper.make_opsetid("", OPSET)],
     )
+
+
+def gather_function_name(fmt: SEFPFormat) -> str:
+    return f"{GATHER_OP}_g{fmt.group_size}_{fmt.rounding}"
+
+
+def sefp_gather_function(fmt: SEFPFormat) -> onnx.FunctionProto:
+    """``SefpGather(ids, mantissa, scale8, bits) -> rows``: embedding rows read from a stored code in
+    the linear layout (``mantissa [K, N]``, K = hidden, N = vocab), so a tied head and its
+    embedding share one tensor. Gather along N gives ``[K, *ids.shape]``; the derivation and the
+    blocked DequantizeLinear along K (ragged last group included) are the matmul's; a Transpose
+    puts K last. Only the gathered rows are ever decoded (ids are not constant: nothing folds)."""
+    nodes = [
+        _const("tab_i", np.array(_SHIFT_TABLE, np.int32)),
+        _const("tab_f", np.array(_SHIFT_TABLE, np.float32)),
+        _const("bmin", np.array(_MIN_BITS, np.int64)),
+        helper.make_node("Sub", ["bits", "bmin"], ["idx"]),
+        helper.make_node("Gather", ["tab_i", "idx"], ["p"], axis=0),
+        helper.make_node("Gather", ["tab_f", "idx"], ["pf"], axis=0),
+        helper.make_node("Gather", ["mantissa", "ids"], ["mrows"], axis=1),
+        helper.make_node("Gather", ["scale8", "ids"], ["srows"], axis=1),
+        helper.make_node("Cast", ["mrows"], ["m32"], to=TensorProto.INT32),
+        *_decode_nodes(fmt),
+        helper.make_node("Mul", ["srows", "pf"], ["scale"]),
+        helper.make_node("DequantizeLinear", ["codes", "scale"], ["w"], axis=0, block_size=fmt.group_size),
+        # [K, batch, seq] -> [batch, seq, K]: ids of an embedding lookup are [batch, seq].
+        helper.make_node("Transpose", ["w"], ["rows"], perm=[1, 2, 0]),
+    ]
+    return helper.make_function(
+        DOMAIN, gather_function_name(fmt), ["ids", "mantissa", "scale8", "bits"], ["rows"], nodes,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+    )
+
+
+def sefp_gather_node(fmt: SEFPFormat, ids: str, mantissa: str, scale8: str, y: str, name: str,
+                     bits: str) -> onnx.NodeProto:
+    return helper.make_node(gather_function_name(fmt), [ids, mantissa, scale8, bits], [y], name=name, domain=DOMAIN)
 
 
 def sefp_initializers(t: SEFPTensor) -> tuple[np.ndarray, np.ndarray]:

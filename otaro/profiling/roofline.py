@@ -41,6 +41,7 @@ class QLayer:
     name: str
     K: int
     N: int
+    bits: int | None = None  # a precision of its own (a quantized head, otaro.head); None: the model's
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,9 @@ class ModelShape:
         """Bytes of the quantized linears at ``bits``: {"codes", "scales", "folded"} (folded =
         layers without a container, run as fp32 weights)."""
         G = self.group_size
-        c = container_for(self.code_bits(bits))
         codes = scales = folded = 0
         for l in self.layers:
+            c = container_for(self.code_bits(bits if l.bits is None else l.bits))
             blocks = -(-l.K // G)
             if c is None:
                 folded += l.K * l.N * FLOAT_WEIGHT_BYTES
@@ -180,7 +181,9 @@ class ModelShape:
         attn = heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else None
         data = root / m["model"]["data"]
         return cls(
-            layers=tuple(QLayer(n, r["in_features"], r["out_features"]) for n, r in m["layers"].items()),
+            layers=tuple(QLayer(n, r["in_features"], r["out_features"],
+                                (m.get("head") or {}).get("bits") if n == (m.get("head") or {}).get("layer") else None)
+                         for n, r in m["layers"].items()),
             group_size=fmt.group_size, extra_code_bits=fmt.code_bits(8) - 8, bits=tuple(m["bits"]),
             float_read_bytes=float_read, float_matmul_params=matmul_params, gather_row_bytes=gather_row,
             float_stored_bytes=stored, kv_bytes_per_position=kv,

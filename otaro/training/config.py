@@ -65,6 +65,9 @@ class FinetuneConfig:
     resume: bool = False
     overwrite: bool = False
     ignore_memory_check: bool = False  # train even when the up-front memory estimate exceeds what is free
+    # The head and embedding of the saved checkpoint (otaro.head; they are trained in float):
+    # "auto" = SEFP codes with an 8-bit head, an int = that head precision, None = float.
+    head_bits: int | str | None = "auto"
     version: int = FINETUNE_CONFIG_VERSION
 
     def __post_init__(self):
@@ -73,6 +76,9 @@ class FinetuneConfig:
         fmt = get_format(self.format)
         if fmt.family != "sefp":
             raise FormatError(f"finetune trains SEFP formats (one model, every precision); {fmt.name} is {fmt.family}")
+        from otaro.quantize import resolve_head_bits
+
+        resolve_head_bits(self.head_bits, fmt)
         if not self.bits:
             raise FormatError("no bit-widths to train")
         for b in self.bits:

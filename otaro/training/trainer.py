@@ -440,6 +440,14 @@ def _finetune(cfg: FinetuneConfig, show_progress: bool = True, stop_after: int |
         },
     }
     run.raw.eval()
+    from otaro.head import quantize_head
+    from otaro.modules import pack
+    from otaro.quantize import resolve_head_bits
+
+    head_bits = resolve_head_bits(cfg.head_bits, run.raw.otaro.fmt)
+    if head_bits is not None:  # trained in float; stored as codes like the linears (otaro.head)
+        pack(run.raw)
+        quantize_head(run.raw, head_bits)
     path = checkpoint.save(run.raw, cfg.output, tokenizer=run.tokenizer, overwrite=cfg.overwrite, extra=extra,
                            trained_bits=cfg.trained_bits)
     plot_training(read_log(run_dir / "log.jsonl"), run_dir / "training.png", f"{Path(cfg.output).name}: path and loss")
