@@ -153,12 +153,15 @@ class Runtime:
     @classmethod
     def load(cls, artifact: str | os.PathLike, device: str = "cpu", threads: int | None = None,
              accuracy_level: int | None = None, bits: PrecisionSpec | None = None,
-             cache_bytes: int = DEFAULT_CACHE_BYTES, verify: bool = True) -> "Runtime":
+             cache_bytes: int = DEFAULT_CACHE_BYTES, verify: bool = True,
+             warm: Sequence[PrecisionSpec] = ()) -> "Runtime":
         """Read the artifact once and build the session of ``bits`` (default: the artifact's).
 
         ``accuracy_level`` of every MatMulNBits (default: the artifact's; 4 = int8 activations,
         fast; 1 = exact). ``cache_bytes``: budget of warm precisions besides the active one.
-        ``verify``: check every file's sha256 (sizes are always checked)."""
+        ``verify``: check every file's sha256 (sizes are always checked). ``warm``: precisions
+        built now, at load, so that switching to them later costs a cache lookup (they count
+        against ``cache_bytes``; all are checked before any is built)."""
         import onnxruntime as ort
 
         root = Path(artifact)
@@ -191,7 +194,16 @@ class Runtime:
                 raise ArtifactError(f"{root / 'tokenizer.json'} cannot be read: {e}") from None
         rt = cls(root, m, master, backend, tokenizer, ChatTemplate.find(root), cls._model_config(root, m), threads,
                  cache_bytes)
+        if isinstance(warm, (int, Mapping)):
+            warm = [warm]
+        prewarm = [rt.resolve(w) for w in warm]  # a bad spec fails before any session is built
         rt.set_precision(m["default_bits"] if bits is None else bits)
+        for p in prewarm:
+            rt._cache.get(p)
+        cold = [p.label for p in prewarm if p.bits not in rt._cache.keys]
+        if cold:
+            raise OtaroError(f"cache_bytes={cache_bytes} cannot keep the warm precision(s) {', '.join(cold)} "
+                             f"besides the active one: raise cache_bytes or warm fewer")
         return rt
 
     @staticmethod

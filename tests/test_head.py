@@ -25,7 +25,7 @@ PROMPT = list(range(3, 19))
 # Exact mode (accuracy_level 1) differs from torch only by fp32 summation order (~1e-6 on logits
 # of size ~10); one quantization step of a wrong head precision moves them by > 1e-2.
 ATOL = 1e-4
-CASES = {"llama": "sefp-g16-nearest", "qwen2": "sefp-g16-trunc", "gemma3": "sefp-g16-nearest",
+CASES = {"llama": "sefp-g16-nearest", "qwen2": "sefp-g16-trunc", "gemma3": "sefp-g16-nearest", "phi3": "ssfp-g16-nearest",
          "mistral": "sefp-g16-midpoint"}
 
 
@@ -179,3 +179,4 @@ def test_quantize_head_refuses_what_it_cannot_do():
     m = _model("llama")
     with pytest.raises(OtaroError, match="already quantized"):
         quantize_head(m, 8)
+

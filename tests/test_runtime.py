@@ -322,3 +322,15 @@ def test_tied_head_transpose_before_the_layers_loads_and_runs(artifacts, runtime
     rt = Runtime.load(art, accuracy_level=1)
     for b in (8, 3):
         np.testing.assert_allclose(rt.logits(PROMPT, bits=b), runtimes("llama").logits(PROMPT, bits=b), atol=ATOL)
+
+
+def test_prewarmed_precisions_switch_without_building(artifacts):
+    art, _ = artifacts("llama")
+    rt = Runtime.load(art, warm=[4, {"*": 2, "layers.0.*": 8}])
+    assert rt.active_precision.uniform == 8
+    for spec in (4, {"*": 2, "layers.0.*": 8}):
+        assert rt.set_precision(spec).cached  # a cache lookup, no session built
+    with pytest.raises(FormatError):
+        Runtime.load(art, warm=[9])
+    with pytest.raises(OtaroError, match="cannot keep the warm precision"):
+        Runtime.load(art, warm=4, cache_bytes=0)

@@ -40,10 +40,12 @@ def art(tmp_path_factory):
     from otaro import checkpoint
     from otaro.arch.tiny import tiny_model
     from otaro.export.artifact import ExportConfig, export
+    from otaro.head import quantize_head
     from otaro.modules import convert
 
     root = tmp_path_factory.mktemp("stock")
-    checkpoint.save(convert(tiny_model("llama", init_std=0.15), "sefp-g16-nearest"), root / "ck",
+    # the default product path: the head and embedding quantized too (SefpGather in the graph)
+    checkpoint.save(quantize_head(convert(tiny_model("llama", init_std=0.15), "sefp-g16-nearest"), 8), root / "ck",
                     tokenizer=_gguf_style_tokenizer())
     export(ExportConfig(root / "ck", root / "art", accuracy_level=1, validate=False))
     return root / "art"
