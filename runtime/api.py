@@ -17,6 +17,7 @@ jinja2 — never torch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -154,14 +155,15 @@ class Runtime:
     def load(cls, artifact: str | os.PathLike, device: str = "cpu", threads: int | None = None,
              accuracy_level: int | None = None, bits: PrecisionSpec | None = None,
              cache_bytes: int = DEFAULT_CACHE_BYTES, verify: bool = True,
-             warm: Sequence[PrecisionSpec] = ()) -> "Runtime":
+             warm: Sequence[PrecisionSpec] = (), spin: bool = True) -> "Runtime":
         """Read the artifact once and build the session of ``bits`` (default: the artifact's).
 
         ``accuracy_level`` of every MatMulNBits (default: the artifact's; 4 = int8 activations,
         fast; 1 = exact). ``cache_bytes``: budget of warm precisions besides the active one.
         ``verify``: check every file's sha256 (sizes are always checked). ``warm``: precisions
         built now, at load, so that switching to them later costs a cache lookup (they count
-        against ``cache_bytes``; all are checked before any is built)."""
+        against ``cache_bytes``; all are checked before any is built). ``spin=False``: onnxruntime's
+        threads wait passively instead of spinning (better on a machine shared with other work)."""
         import onnxruntime as ort
 
         root = Path(artifact)
@@ -174,6 +176,7 @@ class Runtime:
             raise OtaroError(f"threads must be an integer >= 1, got {threads!r}")
         backend = select_backend(device, ort.get_available_providers(),
                                  m["accuracy_level"] if accuracy_level is None else accuracy_level)
+        backend = dataclasses.replace(backend, spin=bool(spin))
         for files in (m["model"]["files"], m["files"]):
             (verify_files if verify else _check_sizes)(root, files)
         # Tokenizer files are artifact files: only those the manifest lists (and so checked

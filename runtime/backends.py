@@ -51,6 +51,10 @@ class BackendChoice:
     providers: tuple[str, ...]
     containers: tuple[int, ...]
     accuracy_level: int
+    # onnxruntime's intra-op threads spin-wait for work by default: fastest on an idle machine,
+    # but on a loaded one (or beside another engine) they burn the cores others need. False
+    # sets session.intra_op.allow_spinning = 0 (what OMP_WAIT_POLICY=PASSIVE is to llama.cpp).
+    spin: bool = True
 
     def container_for(self, code_bits: int) -> int | None:
         """Smallest container holding a signed ``code_bits``-bit code, or None (run dequantized)."""
@@ -87,6 +91,8 @@ def session_options(choice: BackendChoice, threads: int | None = None):
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if not choice.spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
