@@ -17,7 +17,8 @@ PYTEST_ARGS ?=
 # `make test XDIST=` runs serially.
 XDIST ?= -n auto --dist loadfile
 
-.PHONY: help venv shell test test-all demo bench bench-quality bench-finetune bench-export bench-int assets clean
+.PHONY: help venv shell test test-all demo bench bench-quality bench-finetune bench-export bench-int bench-head \
+	llama-cpp bench-engines assets clean
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 24
@@ -88,6 +89,16 @@ bench-export: assets ## the ONNX export and runtime benchmarks (time, bytes, par
 # every row cached in ~/.cache/otaro/bench/int_ptq (an interrupted run resumes).
 bench-int: assets ## integer PTQ vs onnxruntime's quantizers + the two-task LoRA table (hours; resumes)
 	$(PY) benchmarks/int_ptq.py
+
+bench-head: assets ## quantized LM head/embedding vs a float head: KLD, decode speed, bytes, RSS (~20 min)
+	$(PY) benchmarks/head_bench.py
+
+# llama.cpp from the llama-cpp-python sdist (PyPI), built into ~/.cache/otaro/llama.cpp: ~15 min.
+llama-cpp: venv ## build llama.cpp's llama-bench and llama-quantize offline (the benchmark peer)
+	$(PY) benchmarks/llamacpp.py
+
+bench-engines: assets llama-cpp ## the runtime vs llama.cpp on the same weights (decode, prefill, RSS, bytes)
+	$(PY) benchmarks/engines_bench.py
 
 clean: ## remove .venv and the outputs (out/)
 	rm -rf $(VENV) out .pytest_cache .hypothesis

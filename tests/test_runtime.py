@@ -334,3 +334,13 @@ def test_prewarmed_precisions_switch_without_building(artifacts):
         Runtime.load(art, warm=[9])
     with pytest.raises(OtaroError, match="cannot keep the warm precision"):
         Runtime.load(art, warm=4, cache_bytes=0)
+
+
+def test_passive_threads_give_the_same_logits(artifacts):
+    art, _ = artifacts("llama")
+    spin, passive = Runtime.load(art, threads=2), Runtime.load(art, threads=2, spin=False)
+    assert spin.backend.spin and not passive.backend.spin
+    from otaro.runtime.backends import session_options
+
+    assert session_options(passive.backend, 2).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    np.testing.assert_array_equal(spin.logits(PROMPT), passive.logits(PROMPT))
