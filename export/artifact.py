@@ -191,7 +191,8 @@ def _tool_versions() -> dict[str, str]:
 
 
 def _float_bytes(proto_path: Path, quantized_inits: set[str]) -> int:
-    """Bytes of the initializers that stay float (embeddings, norms, biases, head)."""
+    """Bytes of what every precision holds besides its packed linears: float initializers
+    (norms, biases; a float embedding and head) and a quantized embedding's code."""
     proto = onnx.load(str(proto_path), load_external_data=False)
     total = 0
     for t in proto.graph.initializer:
@@ -300,7 +301,10 @@ class _Exporter:
         side = _copy_side_files(self.traced.parent, out, self.tokenizer, self.hf_config, proto.graph,
                                 self.cfg.accuracy_level)
         quantized = {f"{n}.mantissa" for n in layers} | {f"{n}.scale8" for n in layers}
-        self.float_bytes = _float_bytes(out / "model.onnx", quantized)
+        # The code a quantized embedding gathers from is held at every precision (the tied
+        # head's own): it counts with the fixed part, not with what a precision packs.
+        gathered = {i for n in proto.graph.node if n.op_type.startswith(ops.GATHER_OP) for i in n.input[1:3]}
+        self.float_bytes = _float_bytes(out / "model.onnx", quantized - gathered)
         return {"model_files": [f.name for f in files], "side_files": side}
 
     def _rewrite_embedding(self, proto, located) -> None:

@@ -30,12 +30,15 @@ def precision_bytes(manifest: dict) -> dict[int, dict[str, int]]:
     """Bytes of quantized weights at each bit-width the format carries, plus the unquantized rest
     (what a fixed-precision copy of the model would take)."""
     fmt = get_format(manifest["format"]["name"])
-    weights = sum(l["in_features"] * l["out_features"] for l in manifest["layers"].values())
-    groups = sum(-(-l["in_features"] // fmt.group_size) * l["out_features"] for l in manifest["layers"].values())
+    head = manifest.get("head") or {}
     bits = fmt.bits if isinstance(fmt.bits, tuple) else (fmt.bits,)
     out = {}
     for b in bits:
-        bits_total = weights * b + groups * (fmt.storage_bits_per_group(b) - b * fmt.group_size)
+        bits_total = 0
+        for name, l in manifest["layers"].items():
+            lb = head["bits"] if name == head.get("layer") else b  # a quantized head keeps its own bits
+            groups = -(-l["in_features"] // fmt.group_size) * l["out_features"]
+            bits_total += l["in_features"] * l["out_features"] * lb + groups * (fmt.storage_bits_per_group(lb) - lb * fmt.group_size)
         out[b] = {"quantized_bytes": -(-bits_total // 8)}
     return out
 
@@ -70,7 +73,7 @@ def describe_artifact(path: str | Path, as_json: bool = False) -> str:
         f"bits         {m['bits']}  default {m['default_bits']} (the `{s['bits_input']}` initializer)  "
         f"trained for {m.get('trained_bits') or 'none (post-training)'}",
         f"files        {m['model']['file']} + {m['model']['data']}: {_mib(model_bytes)} on disk "
-        f"(float part {_mib(m['float_bytes'])}); accuracy_level {m['accuracy_level']}",
+        f"(fixed part: float tensors, embedding code {_mib(m['float_bytes'])}); accuracy_level {m['accuracy_level']}",
         "",
         "bits  container  in memory at this precision   a separate per-bit file would be",
     ]
@@ -117,7 +120,12 @@ def describe(path: str | Path, as_json: bool = False) -> str:
         f"trained for  {m.get('trained_bits') or 'not fine-tuned (post-training quantization)'}",
         f"default bits {m.get('default_bits')}",
         f"weights      {m['weights']['file']} {_weights_size(m['weights'])}, sha256 {m['weights']['sha256'][:16]}…",
-        f"kept high precision: {len(m['high_precision'])} tensors (embeddings, norms, head)",
+        (f"head         {m['head']['layer']} quantized at its own {m['head']['bits']} bits; embedding "
+         f"{m['head']['embedding']} " + ("reads the head's code (tied, stored once)" if m['head']['tied']
+                                         else "stored as its own SEFP code")
+         if m.get("head") else "head         float (embeddings and head kept in high precision)"),
+        f"kept high precision: {len(m['high_precision'])} tensors"
+        + (" (norms, biases)" if m.get("head") else " (embeddings, norms, head)"),
         "",
         "bits  quantized-linear bytes (fixed-precision copy)",
     ]
