@@ -57,3 +57,12 @@ def test_bad_artifact_is_one_line(tmp_path, art):
     assert res.exit_code == 1 and "cannot read precision" in res.output
     res = invoke("run", art, "--device", "cuda", "--prompt", "x")
     assert res.exit_code == 1 and "CUDAExecutionProvider" in res.output
+
+
+def test_warm_precisions_switch_from_the_cache(art):
+    res = invoke("run", art, "--warm", 3, "--warm", "*=2,layers.0.*=8", "--max-new-tokens", 2,
+                 input="/bits 3\nHi\n/quit\n")
+    assert res.exit_code == 0, res.output
+    assert "precision 3 (warm" in res.output  # built at load: the switch was a cache lookup
+    res = invoke("run", art, "--warm", 9, "--prompt", "Hi")
+    assert res.exit_code != 0 and "Traceback" not in res.output and "9" in res.output
