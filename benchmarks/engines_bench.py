@@ -256,7 +256,10 @@ def markdown(res: dict) -> str:
     q80 = rows["llama.cpp Q8_0"]["decode_tps"]
     out += [
         "",
-        "otaro's file is one file for every b (its size is the same on every row); each llama.cpp precision is a file of its own.",
+        "otaro's file is one file for every b (its size is the same on every row); each llama.cpp precision is a file of its own. "
+        "Peak RSS is the whole process: for otaro a Python interpreter with numpy, onnxruntime and the tokenizer, the "
+        "artifact's bytes held to switch (the master) and the active precision's packed weights; llama.cpp maps its "
+        "file (pages count once touched) from a C++ binary.",
         "",
         "Against the goals (issue 12):",
         f"- decode at b = 4 vs llama.cpp Q4_0: {b4 / q40:.2f}× (goal ≥ 1) {'✓' if b4 >= q40 else '✗'}; at b = 8 vs Q8_0: "

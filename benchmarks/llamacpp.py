@@ -20,8 +20,26 @@ from pathlib import Path
 
 SDIST = "llama-cpp-python==0.3.36"  # docs/FACTS.md: the version checked to build here
 TOOLS = ("llama-bench", "llama-quantize")
-CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DGGML_OPENMP=ON", "-DLLAMA_OPENSSL=OFF",
-               "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF")
+# Not GGML_NATIVE: on this VM `-march=native` enables AMX, which the CPU reports but the guest
+# may not use (llama-bench died with SIGILL in libggml-cpu). The x86 vector extensions are chosen
+# one by one instead from what /proc/cpuinfo lists (see _x86_flags); AMX and AVX512-FP16 stay off.
+CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_OPENMP=ON", "-DLLAMA_OPENSSL=OFF",
+               "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+               "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF")
+# ggml option -> the /proc/cpuinfo flag it needs
+X86_OPTIONS = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_BMI2": "bmi2", "GGML_FMA": "fma", "GGML_F16C": "f16c",
+               "GGML_AVX_VNNI": "avx_vnni", "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi",
+               "GGML_AVX512_VNNI": "avx512_vnni", "GGML_AVX512_BF16": "avx512_bf16"}
+
+
+def _x86_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    have = set(line.split(":", 1)[-1].split())
+    return [f"-D{opt}={'ON' if flag in have else 'OFF'}" for opt, flag in X86_OPTIONS.items()]
 
 
 def cache_root() -> Path:
@@ -30,8 +48,16 @@ def cache_root() -> Path:
     return cache_dir() / "llama.cpp"
 
 
-def _complete(folder: Path) -> bool:
-    return all((folder / t).is_file() and os.access(folder / t, os.X_OK) for t in TOOLS)
+def _flags() -> list[str]:
+    return [*CMAKE_FLAGS, *_x86_flags()]
+
+
+def _complete(folder: Path, check_flags: bool = False) -> bool:
+    ok = all((folder / t).is_file() and os.access(folder / t, os.X_OK) for t in TOOLS)
+    if ok and check_flags:  # our own build: made with today's flags (an older one may SIGILL here)
+        stamp = folder.parent / "otaro-cmake-flags.txt"
+        ok = stamp.is_file() and stamp.read_text().split() == _flags()
+    return ok
 
 
 def find_tools() -> Path | None:
@@ -40,7 +66,7 @@ def find_tools() -> Path | None:
     if env:
         return Path(env) if _complete(Path(env)) else None
     built = cache_root() / "build" / "bin"
-    if _complete(built):
+    if _complete(built, check_flags=True):
         return built
     on_path = [shutil.which(t) for t in TOOLS]
     if all(on_path) and len({Path(p).parent for p in on_path}) == 1:
@@ -69,10 +95,11 @@ def build(jobs: int = 2) -> Path:
         shutil.move(str(vendored), str(src))
         shutil.rmtree(tmp, ignore_errors=True)
     bdir = root / "build"
-    subprocess.run(["cmake", "-S", str(src), "-B", str(bdir), *CMAKE_FLAGS], check=True)
+    subprocess.run(["cmake", "-S", str(src), "-B", str(bdir), *_flags()], check=True)
     subprocess.run(["cmake", "--build", str(bdir), f"-j{jobs}", "--target", *TOOLS], check=True)
+    (bdir / "otaro-cmake-flags.txt").write_text("\n".join(_flags()) + "\n")
     out = bdir / "bin"
-    if not _complete(out):
+    if not _complete(out, check_flags=True):
         raise SystemExit(f"the build finished but {out} lacks {', '.join(TOOLS)}")
     return out
 
