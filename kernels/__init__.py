@@ -11,6 +11,13 @@ What exists:
 - :mod:`.reference` — ``sefp_matmul_reference``, the same op in torch (oracle and fallback).
 - :mod:`.select` — ``select_kernel``, a pure function choosing between the two.
 - :mod:`.checks` — the input checks and run-time kernel arguments both paths share (no Triton).
+- :mod:`.fakequant` — fused Triton SEFP encoder (``sefp_encode_triton``) and fake-quant
+  (``sefp_fake_quant_triton``: ``Q(w, b)`` in one pass, the int8 code never written), bit-exact
+  with :mod:`otaro.formats.torch_ref` for both scale kinds, fp32/fp16/bf16 weights.
+- :mod:`.quant_op` — ``fake_quant`` / ``encode`` (Triton when it can run, torch_ref otherwise)
+  and ``SEFPFakeQuant``, the straight-through autograd Function of fine-tuning (no Triton import).
+- :mod:`.linear` — ``TritonSEFPLinear``: bit-planes as a buffer, ``forward(x, bits=None)`` through
+  :func:`sefp_linear`.
 
 The planes are :func:`otaro.formats.pack.pack_bitplanes`'s layout (with the nonzero plane for
 midpoint). :func:`sefp_linear` runs whichever path :func:`select_kernel` picks and can always
@@ -26,9 +33,12 @@ import torch
 from otaro.errors import OtaroError
 
 from .checks import check_activations, plane_args
+from .linear import TritonSEFPLinear
+from .quant_op import SEFPFakeQuant, fake_quant
 from .select import REFERENCE, TRITON, KernelChoice, interpreter_on, select_kernel, triton_available
 
-__all__ = ["REFERENCE", "TRITON", "KernelChoice", "choose", "select_kernel", "sefp_linear"]
+__all__ = ["REFERENCE", "TRITON", "KernelChoice", "SEFPFakeQuant", "TritonSEFPLinear", "choose", "fake_quant",
+           "select_kernel", "sefp_linear"]
 
 
 def choose(fmt, m: int, k: int, n: int, device) -> KernelChoice:
