@@ -788,7 +788,8 @@ def run_tasks(S: Setup, args, cache: Cache) -> dict:
             got = cache.get(key)
             if got is None and args.cached_only:
                 continue
-            if got is not None and "damp" not in got and not args.cached_only and real == "mlgptq" or method == "gptq-pooled":
+            if got is not None and "damp" not in got and not args.cached_only and (real == "mlgptq"
+                                                                                 or method == "gptq-pooled"):
                 got = None  # measured before the damping was recorded
             if got is None:
                 got = {"tasks": {}, "quantize_s": 0.0}
