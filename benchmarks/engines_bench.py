@@ -10,11 +10,14 @@ our checkpoints are quantized from after dequantizing):
 Measured: decode tokens/s of 64 greedy tokens after a 128-token context, prefill tokens/s of a
 128-token prompt, peak RSS of a process that does both, and file bytes. Rounds are interleaved
 (every engine once per round, R rounds, medians) so machine load hits all alike; every engine
-runs with the same thread count and no spin-waiting (onnxruntime `allow_spinning=0`, llama.cpp
-`OMP_WAIT_POLICY=PASSIVE`): on a shared 2-core machine spinning threads starve each other.
+runs with the same thread count and the same spin setting: by default none spins (onnxruntime
+`allow_spinning=0`, llama.cpp `OMP_WAIT_POLICY=PASSIVE`), which is right on a shared machine where
+spinning threads starve each other; `--spin` lets both spin (their defaults), right on a quiet
+one — with several threads, passive waiting costs llama.cpp far more than onnxruntime.
 
-Writes benchmarks/results/engines.json, engines.png and the `engines` section of RESULTS.md.
-Usage: python benchmarks/engines_bench.py [--threads N] [--rounds R] [--build-llama-cpp]
+Writes benchmarks/results/engines-t<N>-<spin|passive>.json/.png and the section of that name in
+RESULTS.md (one per configuration). Usage: python benchmarks/engines_bench.py [--threads N]
+[--rounds R] [--spin] [--build-llama-cpp]
 """
 
 from __future__ import annotations
@@ -70,8 +73,11 @@ def ggufs(tools: Path, root: Path) -> dict[str, Path]:
 # --------------------------------------------------------------------------- llama.cpp
 
 
+SPIN = False  # set from --spin in main(): one setting for every engine of a run
+
+
 def llama_env() -> dict:
-    return {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    return {**os.environ, "OMP_WAIT_POLICY": "ACTIVE" if SPIN else "PASSIVE"}
 
 
 def llama_round(tools: Path, gguf: Path, threads: int) -> dict:
@@ -129,13 +135,13 @@ import numpy as np
 threads, kind, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 if kind == "otaro":
     from otaro.runtime import Runtime
-    rt = Runtime.load(path, threads=threads, bits=int(sys.argv[4]), cache_bytes=0, verify=False, spin=False)
+    rt = Runtime.load(path, threads=threads, bits=int(sys.argv[4]), cache_bytes=0, verify=False, spin=sys.argv[5] == "1")
     dec = rt.decoder
 else:
     import onnxruntime as ort
     from otaro.runtime.decoder import Decoder
     so = ort.SessionOptions(); so.intra_op_num_threads = threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", sys.argv[5])
     dec = Decoder(ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]))
 x = np.arange(100, 100 + %d)[None].astype(np.int64); mask = np.ones_like(x)
 logits, past = dec.forward(x, mask, dec.empty_past(1))
@@ -147,7 +153,7 @@ print(next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.star
 
 
 def ort_rss(threads: int, kind: str, path: Path, bits: int = 0) -> int:
-    r = subprocess.run([sys.executable, "-c", _ORT_RSS, str(threads), kind, str(path), str(bits)],
+    r = subprocess.run([sys.executable, "-c", _ORT_RSS, str(threads), kind, str(path), str(bits), "1" if SPIN else "0"],
                        capture_output=True, text=True, check=True)
     return int(r.stdout.strip().splitlines()[-1])
 
@@ -179,11 +185,11 @@ def measure(args) -> dict:
     files = ggufs(tools, root)
     fp32 = fp32_onnx(root / "fp32")
     load0 = os.getloadavg()
-    rt = Runtime.load(art, threads=args.threads, accuracy_level=4, cache_bytes=2 << 30, verify=False, spin=False,
+    rt = Runtime.load(art, threads=args.threads, accuracy_level=4, cache_bytes=2 << 30, verify=False, spin=SPIN,
                       warm=list(OTARO_BITS))
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if SPIN else "0")
     fp32_dec = Decoder(ort.InferenceSession(str(fp32), so, providers=["CPUExecutionProvider"]))
     _, text = read_text("corpus:brown-eval")
     prompt = rt.encode(text[:20000])[:max(CTX, PROMPT)]
@@ -226,20 +232,30 @@ def measure(args) -> dict:
     info = machine_info()
     info["onnxruntime"] = ort.__version__
     info["llama_cpp_build"] = build_commit
-    return {"machine": info, "threads": args.threads, "rounds": args.rounds, "ctx": CTX, "new": NEW, "prompt": PROMPT,
+    return {"machine": info, "threads": args.threads, "spin": SPIN, "rounds": args.rounds, "ctx": CTX, "new": NEW,
+            "prompt": PROMPT,
             "load_start": load0, "load_end": os.getloadavg(), "rows": rows}
+
+
+def section(res: dict) -> str:
+    return f"engines-t{res['threads']}-{'spin' if res.get('spin') else 'passive'}"
 
 
 def markdown(res: dict) -> str:
     m = res["machine"]
+    spin = res.get("spin", False)
     rows = {r["engine"]: r for r in res["rows"]}
     out = [
-        "## The runtime against llama.cpp on the same SmolLM2-135M weights (`benchmarks/engines_bench.py`)",
+        f"## The runtime against llama.cpp on the same SmolLM2-135M weights, {res['threads']} thread(s), "
+        f"{'spinning' if spin else 'passive'} (`benchmarks/engines_bench.py`)",
         "",
-        f"Command: `python benchmarks/engines_bench.py --threads {res['threads']} --rounds {res['rounds']}`. Machine: "
+        f"Command: `python benchmarks/engines_bench.py --threads {res['threads']} --rounds {res['rounds']}"
+        f"{' --spin' if spin else ''}`. Machine: "
         f"{m['processor']}, {m['cpus']} CPUs, onnxruntime {m['onnxruntime']}, llama.cpp build {m['llama_cpp_build']} "
-        f"(from the llama-cpp-python sdist, `benchmarks/llamacpp.py`). {res['threads']} thread(s) for every engine, no "
-        f"spin-waiting (onnxruntime `allow_spinning=0`, llama.cpp `OMP_WAIT_POLICY=PASSIVE`); {res['rounds']} interleaved "
+        f"(from the llama-cpp-python sdist, `benchmarks/llamacpp.py`). {res['threads']} thread(s) for every engine, "
+        + ("both spin-waiting (onnxruntime `allow_spinning=1`, llama.cpp `OMP_WAIT_POLICY=ACTIVE`: their defaults)"
+           if spin else "no spin-waiting (onnxruntime `allow_spinning=0`, llama.cpp `OMP_WAIT_POLICY=PASSIVE`)")
+        + f"; {res['rounds']} interleaved "
         f"rounds, medians. Load average at start {res['load_start'][0]:.2f}, at end {res['load_end'][0]:.2f}. Decode: "
         f"{res['new']} greedy tokens after {res['ctx']} tokens of context; prefill: a {res['prompt']}-token prompt. "
         "otaro: the one SEFP artifact (8-bit SEFP head, `--head-bits 8`, the default), switched in place; llama.cpp's "
@@ -266,7 +282,7 @@ def markdown(res: dict) -> str:
         f"{b8 / q80:.2f}× (goal ≥ 1) {'✓' if b8 >= q80 else '✗'}.",
         f"- b = 2 vs b = 4: {b2 / b4:.2f}× (goal ≥ 1.3×) {'✓' if b2 >= 1.3 * b4 else '✗'}.",
         "",
-        "![engines](results/engines.png)",
+        f"![engines](results/{section(res)}.png)",
     ]
     return "\n".join(out)
 
@@ -299,11 +315,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--spin", action="store_true",
+                    help="let every engine's threads spin-wait (their default; for a quiet machine)")
     ap.add_argument("--build-llama-cpp", action="store_true", help="build llama.cpp first when it is not found")
-    ap.add_argument("--replot", action="store_true", help="rewrite the section from results/engines.json")
+    ap.add_argument("--replot", metavar="JSON", help="rewrite a section from its results/engines-*.json")
     args = ap.parse_args()
-    res = json.loads((HERE / "results" / "engines.json").read_text()) if args.replot else measure(args)
-    print(publish("engines", res, plot, markdown))
+    global SPIN
+    SPIN = args.spin
+    res = json.loads(Path(args.replot).read_text()) if args.replot else measure(args)
+    print(publish(section(res), res, plot, markdown))
 
 
 if __name__ == "__main__":
