@@ -12,6 +12,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
+# Triton kernels run in its CPU interpreter in the tests. Triton reads the switch when a kernel is
+# decorated, so it must be on before anything imports triton in this process (torch does, and
+# tests importing every otaro module do): a kernel decorated without it, calling a helper
+# decorated with it, fails with "Cannot call @triton.jit'd outside of the scope of a kernel".
+# TRITON_INTERPRET=0 in the environment keeps real kernels (on a GPU machine).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tests must never reach a hub, and must not depend on a user's cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
