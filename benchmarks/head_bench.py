@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from results_md import publish  # noqa: E402
+from runtime_bench import time_round as time_decoder  # noqa: E402 - one greedy round, timed
 
 MODEL = "smollm2-135m"
 EVAL_BITS = (2, 3, 4, 8)
@@ -118,22 +119,6 @@ def iobinding_decoder(session):
             return out[0].numpy(), dict(zip(self.io.past_names, out[1:]))
 
     return IOBindingDecoder(session)
-
-
-def time_decoder(dec, prompt: list[int], new: int) -> tuple[float, float]:
-    """(prefill seconds, decode tokens/s) of one greedy continuation."""
-    import numpy as np
-
-    x = np.asarray([prompt], np.int64)
-    mask = np.ones_like(x)
-    t0 = time.perf_counter()
-    logits, past = dec.forward(x, mask, dec.empty_past(1))
-    t1 = time.perf_counter()
-    for _ in range(new):
-        tok = np.argmax(logits[:, -1], axis=-1)[:, None].astype(np.int64)
-        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-        logits, past = dec.forward(tok, mask, past)
-    return t1 - t0, new / (time.perf_counter() - t1)
 
 
 _RSS_PROBE = r"""

@@ -64,25 +64,27 @@ def session(path: Path, threads: int):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def time_decoder(dec, prompt: list[int], new: int, reps: int) -> tuple[float, float]:
-    """(median prefill seconds, median decode tokens/s) of a greedy continuation."""
+def time_round(dec, prompt: list[int], new: int) -> tuple[float, float]:
+    """(prefill seconds, decode tokens/s) of one greedy continuation."""
     import numpy as np
 
-    prefill, tps = [], []
-    for _ in range(reps + 1):  # the first round warms caches and is dropped
-        x = np.asarray([prompt], np.int64)
-        mask = np.ones_like(x)
-        t0 = time.perf_counter()
-        logits, past = dec.forward(x, mask, dec.empty_past(1))
-        t1 = time.perf_counter()
-        for _ in range(new):
-            tok = np.argmax(logits[:, -1], axis=-1)[:, None].astype(np.int64)
-            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-            logits, past = dec.forward(tok, mask, past)
-        t2 = time.perf_counter()
-        prefill.append(t1 - t0)
-        tps.append(new / (t2 - t1))
-    return statistics.median(prefill[1:]), statistics.median(tps[1:])
+    x = np.asarray([prompt], np.int64)
+    mask = np.ones_like(x)
+    t0 = time.perf_counter()
+    logits, past = dec.forward(x, mask, dec.empty_past(1))
+    t1 = time.perf_counter()
+    for _ in range(new):
+        tok = np.argmax(logits[:, -1], axis=-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+        logits, past = dec.forward(tok, mask, past)
+    return t1 - t0, new / (time.perf_counter() - t1)
+
+
+def time_decoder(dec, prompt: list[int], new: int, reps: int) -> tuple[float, float]:
+    """(median prefill seconds, median decode tokens/s) of a greedy continuation."""
+    rounds = [time_round(dec, prompt, new) for _ in range(reps + 1)]
+    # the first round warms caches and is dropped
+    return statistics.median(r[0] for r in rounds[1:]), statistics.median(r[1] for r in rounds[1:])
 
 
 def load_file_seconds(path: Path, threads: int, cold: bool) -> float:

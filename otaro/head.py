@@ -28,7 +28,6 @@ from torch import nn
 from otaro.errors import FormatError, OtaroError
 from otaro.formats import SEFPFormat
 from otaro.formats import torch_ref as Q
-from otaro.formats.precision import reaches_head  # noqa: F401 - re-exported: the rule lives torch-free
 
 DEFAULT_HEAD_BITS = 8
 
@@ -100,10 +99,6 @@ class SEFPEmbedding(nn.Module):
         if self.source is not None:
             return self.source.mantissa, self.source.shared
         return self.mantissa, getattr(self, self.fmt.shared_name)
-
-    @property
-    def bits(self) -> int:
-        return self.fmt.top_bits
 
     @property
     def weight(self) -> torch.Tensor:

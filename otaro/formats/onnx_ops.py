@@ -106,21 +106,27 @@ def function_name(fmt: SEFPFormat) -> str:
     return f"{SEFP_OP}_g{fmt.group_size}_{fmt.rounding}"
 
 
-def sefp_function(fmt: SEFPFormat) -> onnx.FunctionProto:
-    """The model-local function for ``fmt``."""
-    nodes = [
+def _dequant_nodes(fmt: SEFPFormat, mantissa: str, scale8: str, out: str) -> list[onnx.NodeProto]:
+    """Nodes from a stored code (``mantissa`` int8 [K, ...], ``scale8`` [ceil(K/G), ...]) and the
+    ``bits`` input to its float value at b (``out``): the 2^(8-b) lookups, the table's
+    derivation, the step at b, blocked DequantizeLinear along K. Shared by both functions."""
+    return [
         _const("tab_i", np.array(_SHIFT_TABLE, np.int32)),
         _const("tab_f", np.array(_SHIFT_TABLE, np.float32)),
         _const("bmin", np.array(_MIN_BITS, np.int64)),
         helper.make_node("Sub", ["bits", "bmin"], ["idx"]),
         helper.make_node("Gather", ["tab_i", "idx"], ["p"], axis=0),
         helper.make_node("Gather", ["tab_f", "idx"], ["pf"], axis=0),
-        helper.make_node("Cast", ["mantissa"], ["m32"], to=TensorProto.INT32),
+        helper.make_node("Cast", [mantissa], ["m32"], to=TensorProto.INT32),
         *_decode_nodes(fmt),
-        helper.make_node("Mul", ["scale8", "pf"], ["scale"]),
-        helper.make_node("DequantizeLinear", ["codes", "scale"], ["w"], axis=0, block_size=fmt.group_size),
-        helper.make_node("MatMul", ["X", "w"], ["Y"]),
+        helper.make_node("Mul", [scale8, "pf"], ["scale"]),
+        helper.make_node("DequantizeLinear", ["codes", "scale"], [out], axis=0, block_size=fmt.group_size),
     ]
+
+
+def sefp_function(fmt: SEFPFormat) -> onnx.FunctionProto:
+    """The model-local function for ``fmt``."""
+    nodes = [*_dequant_nodes(fmt, "mantissa", "scale8", "w"), helper.make_node("MatMul", ["X", "w"], ["Y"])]
     return helper.make_function(
         DOMAIN, function_name(fmt), ["X", "mantissa", "scale8", "bits"], ["Y"], nodes,
         opset_imports=[helper.make_opsetid("", OPSET)],
@@ -134,22 +140,13 @@ def gather_function_name(fmt: SEFPFormat) -> str:
 def sefp_gather_function(fmt: SEFPFormat) -> onnx.FunctionProto:
     """``SefpGather(ids, mantissa, scale8, bits) -> rows``: embedding rows read from a stored code in
     the linear layout (``mantissa [K, N]``, K = hidden, N = vocab), so a tied head and its
-    embedding share one tensor. Gather along N gives ``[K, *ids.shape]``; the derivation and the
-    blocked DequantizeLinear along K (ragged last group included) are the matmul's; a Transpose
-    puts K last. Only the gathered rows are ever decoded (ids are not constant: nothing folds)."""
+    embedding share one tensor. Gather along N gives ``[K, *ids.shape]``; the dequantization is
+    the matmul's (blocked along K, ragged last group included); a Transpose puts K last. Only the
+    gathered rows are ever decoded (ids are not constant: nothing folds)."""
     nodes = [
-        _const("tab_i", np.array(_SHIFT_TABLE, np.int32)),
-        _const("tab_f", np.array(_SHIFT_TABLE, np.float32)),
-        _const("bmin", np.array(_MIN_BITS, np.int64)),
-        helper.make_node("Sub", ["bits", "bmin"], ["idx"]),
-        helper.make_node("Gather", ["tab_i", "idx"], ["p"], axis=0),
-        helper.make_node("Gather", ["tab_f", "idx"], ["pf"], axis=0),
         helper.make_node("Gather", ["mantissa", "ids"], ["mrows"], axis=1),
         helper.make_node("Gather", ["scale8", "ids"], ["srows"], axis=1),
-        helper.make_node("Cast", ["mrows"], ["m32"], to=TensorProto.INT32),
-        *_decode_nodes(fmt),
-        helper.make_node("Mul", ["srows", "pf"], ["scale"]),
-        helper.make_node("DequantizeLinear", ["codes", "scale"], ["w"], axis=0, block_size=fmt.group_size),
+        *_dequant_nodes(fmt, "mrows", "srows", "w"),
         # [K, batch, seq] -> [batch, seq, K]: ids of an embedding lookup are [batch, seq].
         helper.make_node("Transpose", ["w"], ["rows"], perm=[1, 2, 0]),
     ]
