@@ -181,3 +181,25 @@ def test_quantize_head_refuses_what_it_cannot_do():
     with pytest.raises(OtaroError, match="already quantized"):
         quantize_head(m, 8)
 
+
+
+def test_a_corrupt_head_record_is_one_clear_error(exported, tmp_path):
+    import shutil
+
+    from otaro.errors import CheckpointError
+    from otaro.runtime.artifact import ArtifactError
+
+    root, _ = exported("llama")
+    ck = tmp_path / "ck"
+    shutil.copytree(root / "ck", ck)
+    man = json.loads((ck / "otaro.json").read_text())
+    for bad in ({**man["head"], "bits": 11}, {**man["head"], "layer": "model.nope"}, {"layer": "lm_head"}):
+        (ck / "otaro.json").write_text(json.dumps({**man, "head": bad}))
+        with pytest.raises(CheckpointError):
+            checkpoint.load(ck)
+    art = tmp_path / "art"
+    shutil.copytree(root / "art", art)
+    am = json.loads((art / "otaro_artifact.json").read_text())
+    (art / "otaro_artifact.json").write_text(json.dumps({**am, "head": {**am["head"], "layer": "model.nope"}}))
+    with pytest.raises(ArtifactError, match="manifest head"):
+        Runtime.load(art)
