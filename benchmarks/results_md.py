@@ -34,10 +34,29 @@ def update_section(name: str, body: str, path: Path = RESULTS) -> Path:
     return path
 
 
+def portable(obj, repo: Path = RESULTS.parent.parent, home: Path = Path.home()):
+    """``obj`` with this machine's paths spelled portably in every string (the repository as
+    ``.``, the home folder as ``~``): results are committed, and no machine's absolute path
+    belongs in the repository."""
+    if isinstance(obj, dict):
+        return {k: portable(v, repo, home) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(portable(v, repo, home) for v in obj)
+    if isinstance(obj, str):
+        for root, short in ((str(repo), "."), (str(home), "~")):
+            if len(root) > 1:
+                obj = obj.replace(root + "/", short + "/").replace(root, short) if root in obj else obj
+        return obj
+    return obj
+
+
 def publish(name: str, result: dict, plot, markdown) -> str:
     """Write results/<name>.json and results/<name>.png, rewrite the `name` section of
-    RESULTS.md and return its markdown: the common tail of every benchmark script."""
+    RESULTS.md and return its markdown: the common tail of every benchmark script. Paths in
+    the result are made portable first (:func:`portable`)."""
     from otaro.io import write_json
+
+    result = portable(result)
 
     out = RESULTS.parent / "results"
     out.mkdir(exist_ok=True)

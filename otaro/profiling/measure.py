@@ -541,7 +541,8 @@ def run_profile(cfg: ProfileConfig, show_progress: bool = True) -> dict:
                                                             accuracy_level=backend.accuracy_level) for d in others],
         "notes": _notes(shape, bits, backend.containers, cfg.backend),
     }
-    if load_start and os.cpu_count() and max(load_start[0], (load_end or [0])[0]) > 0.5 * os.cpu_count():
+    # the load at the start is the other processes' (at the end it includes this run's own threads)
+    if load_start and os.cpu_count() and load_start[0] > 0.5 * os.cpu_count():
         report["notes"].append(f"the machine was loaded during the run (load average {load_start[0]} at the start, "
                                f"{(load_end or ['?'])[0]} at the end, {os.cpu_count()} CPUs): timings are noisier "
                                f"and slower than on an idle machine")
