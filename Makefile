@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # `make test XDIST=` runs serially.
 XDIST ?= -n auto --dist loadfile
 
-.PHONY: help venv shell test test-all demo bench bench-quality bench-finetune bench-export bench-int bench-head \
+.PHONY: help venv shell test test-all demo bench bench-quality bench-finetune bench-export bench-int bench-head bench-format-mse \
 	llama-cpp bench-engines assets clean
 
 help: ## this list
@@ -76,6 +76,9 @@ bench-quality: assets ## the quality benchmark: KLD of the one model vs per-bit 
 	$(PY) benchmarks/quality.py
 
 # About 75 minutes on 2 CPU cores: 8 fine-tuning runs (OTARo, 3 ablations, a 4-bit-width zoo).
+bench-format-mse: assets ## weight error of every format and a candidate one, RTN (~1 min; screens formats)
+	$(PY) benchmarks/format_mse.py
+
 bench-finetune: assets ## the once-for-all fine-tuning benchmark (~75 min on 2 cores)
 	$(PY) benchmarks/finetune_bench.py
 
