@@ -237,9 +237,40 @@ def formats(family, as_json):
                    "the positive semi-definite matrices GPTQ needs; max: the literal max (GPTQ raises its damping "
                    "where it is not PSD).")
 @click.option("--head-bits", "head_bits", type=_HeadBits(), default="auto", show_default=True, help=HEAD_BITS_HELP)
+# The per-method options below (qslaw_*, recon_*, lsi_*) reach QuantizeConfig by name, so their defaults here are its defaults.
+@click.option("--qslaw-data", "qslaw_data", multiple=True, metavar="SPEC",
+              help="qslaw: task data the scale factors are trained on (specs as --calib; repeatable or a comma list).")
+@click.option("--qslaw-generic", "qslaw_generic", multiple=True, metavar="SPEC",
+              help="qslaw: generic text mixed 1:1 with the task data after the warmup (specs as --calib).")
+@click.option("--qslaw-steps", "qslaw_steps", default=200, show_default=True, help="qslaw: optimizer steps.")
+@click.option("--qslaw-warmup", "qslaw_warmup", default=50, show_default=True,
+              help="qslaw: η, the first steps that draw task data only (0 to --qslaw-steps).")
+@click.option("--qslaw-lr", "qslaw_lr", default=1e-3, show_default=True,
+              help="qslaw: peak Adam learning rate (3% linear warm-up, then cosine).")
+@click.option("--qslaw-batch-size", "qslaw_batch_size", default=4, show_default=True,
+              help="qslaw: rows per step (task + generic).")
+@click.option("--qslaw-seq-len", "qslaw_seq_len", default=256, show_default=True, help="qslaw: tokens per row.")
+@click.option("--qslaw-projector", "qslaw_projector", type=click.Choice(["auto", "train", "freeze"]), default="auto",
+              show_default=True,
+              help="qslaw on a multimodal model: train its projector with the scales (auto: if it has one).")
+# Block reconstruction's options (sb/la/mb/lsi) also reach QuantizeConfig by name, through the same
+# keyword catch-all; None = the method's own default, which the manifest then records.
+@click.option("--recon-blocks", "recon_blocks", type=int, default=None,
+              help="la/mb: decoder blocks per window, n of LA-n (loss n-1 fp blocks after the tuned one) or MB-n "
+                   "(n blocks tuned jointly) [default: 2; sb and lsi: 1].")
+@click.option("--recon-iters", "recon_iters", type=int, default=None,
+              help="sb/la/mb: SignSGD steps per window [default: 200].")
+@click.option("--recon-lr", "recon_lr", type=float, default=None,
+              help="sb/la/mb/lsi: learning rate [default: 1/--recon-iters, linearly decayed; lsi: AdamW 2e-4].")
+@click.option("--recon-batch", "recon_batch", type=int, default=None,
+              help="sb/la/mb/lsi: calibration windows per step [default: 8; lsi: 1].")
+@click.option("--lsi-epochs", "lsi_epochs", default=2, show_default=True,
+              help="lsi: passes over the calibration windows per block.")
+@click.option("--lsi-k", "lsi_k", default=0, show_default=True,
+              help="lsi: size of the dense k×k increment on the leading singular values (0: diagonal increments only).")
 def quantize(model, output, method, fmt, overwrite, calib, calib_samples, calib_len, calib_seed, bits, damp,
              act_order, block_size, scale_search, search_samples, save_format, tasks, task_stats, ml_hessian,
-             head_bits):
+             head_bits, **method_options):
     """Quantize MODEL and write a checkpoint (safetensors + otaro.json manifest).
 
     An SEFP checkpoint stores 8-bit mantissas and per-group exponents once; every precision
@@ -259,7 +290,7 @@ def quantize(model, output, method, fmt, overwrite, calib, calib_samples, calib_
                          calib_samples=calib_samples, calib_len=calib_len, calib_seed=calib_seed, bits=bits or (),
                          damp=damp, act_order=act_order, block_size=block_size, scale_search=scale_search,
                          search_samples=search_samples, save_format=save_format, tasks=tuple(tasks), task_stats=task_stats,
-                         ml_hessian=ml_hessian, head_bits=None if head_bits == "float" else head_bits)
+                         ml_hessian=ml_hessian, head_bits=None if head_bits == "float" else head_bits, **method_options)
     from otaro.progress import progress
 
     with progress(desc=f"{method} {fmt}", unit="layer") as bar:

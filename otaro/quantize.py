@@ -63,6 +63,24 @@ class QuantizeConfig:
     # SEFP formats, float for integer formats (their layouts have no quantized head); an int
     # 2-8 = that head precision (SEFP formats only); None = float (the model's dtype).
     head_bits: int | str | None = "auto"
+    # QSLAW (otaro.methods.qslaw; every other method refuses these when changed from the default).
+    qslaw_data: tuple[str, ...] = ()  # task data specs (as --calib) the scale factors are trained on
+    qslaw_generic: tuple[str, ...] = ()  # generic text mixed 1:1 with the task data after the warmup
+    qslaw_steps: int = 200  # optimizer steps
+    qslaw_warmup: int = 50  # η: the first steps draw task data only (0..qslaw_steps)
+    qslaw_lr: float = 1e-3  # peak Adam learning rate (3 % linear warm-up, then cosine)
+    qslaw_batch_size: int = 4  # rows per step (task + generic)
+    qslaw_seq_len: int = 256  # tokens per row
+    qslaw_projector: str = "auto"  # multimodal projector: auto (train if the model has one), train, freeze
+    # Block reconstruction: sb/la/mb (SignRound, seed 001) and lsi (seed 004), otaro.methods.recon;
+    # None = the method's default (recon.settings.DEFAULTS), resolved here so the manifest has it.
+    # Other methods refuse these when changed from the default.
+    recon_blocks: int | None = None  # n of LA-n / MB-n: blocks per window (sb and lsi: 1; la/mb: 2)
+    recon_iters: int | None = None  # sb/la/mb: SignSGD steps per window (200)
+    recon_lr: float | None = None  # learning rate (sb/la/mb: 1/recon_iters; lsi: AdamW 2e-4)
+    recon_batch: int | None = None  # calibration windows per step (sb/la/mb: 8; lsi: 1, as OmniQuant)
+    lsi_epochs: int = 2  # lsi: passes over the calibration windows per block
+    lsi_k: int = 0  # lsi: size of the dense k×k increment on the leading singular values (0 = none)
     version: int = QUANTIZE_CONFIG_VERSION
 
     def __post_init__(self):
@@ -96,6 +114,13 @@ class QuantizeConfig:
             raise OtaroError(f"--ml-hessian must be one of {', '.join(ML_HESSIANS)} (got {self.ml_hessian!r})")
         if self.search_samples < 1:
             raise OtaroError(f"--search-samples must be at least 1 (got {self.search_samples})")
+        from otaro.methods.qslaw import check_qslaw_config
+
+        check_qslaw_config(self, method)  # QSLAW's options and data, or none of them for other methods
+        from otaro.methods.recon.settings import resolve_recon_options
+
+        for key, value in resolve_recon_options(self).items():  # checks, then sb/la/mb/lsi defaults
+            object.__setattr__(self, key, value)
         self._check_save_format(fmt)
         resolve_head_bits(self.head_bits, fmt)
         out = Path(self.output)
@@ -188,6 +213,8 @@ def quantize(config: QuantizeConfig, progress=None) -> Path:
         else:
             calibration = calibration_windows(src.tokenizer, config.calib, config.calib_samples, config.calib_len,
                                               seed=config.calib_seed, max_positions=max_pos)
+    if getattr(method, "read_data", None) is not None:  # methods reading their own data (qslaw), before any work
+        calibration = method.read_data(src, config)
     model = method.run(src.model, fmt, config, calibration, progress)
     head_bits = resolve_head_bits(config.head_bits, fmt)
     if head_bits is not None:

@@ -105,6 +105,11 @@ def get_adapter(model_or_config) -> ArchAdapter:
     for adapter in ARCHS.values():
         if model_type in adapter.model_types:
             return adapter
+    from otaro.arch.multimodal import wrapped_adapter  # LLaVA model instances: their text model's adapter
+
+    wrapped = wrapped_adapter(model_or_config)
+    if wrapped is not None:
+        return wrapped
     raise UnsupportedArchitecture(
         f"architecture {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
     )

@@ -49,3 +49,5 @@ def get_method(name: str) -> Method:
 
 from otaro.methods import gptq, int_quantizer, rtn, sefp_quantizer  # noqa: E402,F401  (registers)
 from otaro.methods import awq, multitask  # noqa: E402,F401  (registers)
+from otaro.methods import qslaw  # noqa: E402,F401  (registers)
+from otaro.methods import lsi, recon  # noqa: E402,F401  (registers sb, la, mb, lsi)
