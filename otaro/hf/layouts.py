@@ -83,8 +83,11 @@ LAYOUTS: dict[str, Layout] = {}
 # The layout a checkpoint made by a method is written in (a method absent here cannot be saved
 # as a Hugging Face folder until it says which layout its ecosystem reads).
 # The multi-task variants write the same IntLinear codes as the method they extend.
+# Block reconstruction, LSI and QSLAW leave RTN's integer layout (codes, fp16 scales, integer zero
+# points, no activation scales), which GPTQ v1 holds as it holds RTN.
 METHOD_LAYOUTS: dict[str, str] = {"rtn": "gptq", "gptq": "gptq", "awq": "awq",
-                                  "mlgptq": "gptq", "gptq-pooled": "gptq", "mlawq": "awq", "awq-pooled": "awq"}
+                                  "mlgptq": "gptq", "gptq-pooled": "gptq", "mlawq": "awq", "awq-pooled": "awq",
+                                  "sb": "gptq", "la": "gptq", "mb": "gptq", "lsi": "gptq", "qslaw": "gptq"}
 
 
 def register_layout(layout: Layout) -> Layout:
