@@ -378,4 +378,3 @@ def test_cli_mb_on_sefp_end_to_end(tmp_path, hf_model, text_file):
     c = cfg["config"]
     assert (c["recon_blocks"], c["recon_iters"], c["recon_lr"], c["recon_batch"]) == (2, 10, 0.1, 2)
     assert c["bits"] == [[3, 1.0], [4, 1.0], [8, 1.0]]
-
