@@ -213,7 +213,7 @@ def quantize(config: QuantizeConfig, progress=None) -> Path:
         else:
             calibration = calibration_windows(src.tokenizer, config.calib, config.calib_samples, config.calib_len,
                                               seed=config.calib_seed, max_positions=max_pos)
-    if getattr(method, "read_data", None) is not None:  # methods reading their own data (qslaw), before any work
+    if method.read_data is not None:  # methods reading their own data (qslaw), before any work
         calibration = method.read_data(src, config)
     model = method.run(src.model, fmt, config, calibration, progress)
     head_bits = resolve_head_bits(config.head_bits, fmt)

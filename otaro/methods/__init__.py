@@ -28,6 +28,9 @@ class Method:
     # after_save(model, checkpoint folder): extra outputs written next to the checkpoint
     # (the multi-task AWQ methods write the rescaled adapters there).
     after_save: Callable | None = None
+    # read_data(source, config) -> what run() gets as its calibration argument, for methods that
+    # read their own data (qslaw: task + generic text); called after the model loads, before run.
+    read_data: Callable | None = None
 
 
 METHODS: dict[str, Method] = {}

@@ -434,17 +434,8 @@ def save_report(model, path) -> None:
         write_json(path / "qslaw.json", {**asdict(report), "losses": list(report.losses)})
 
 
-@dataclass(frozen=True)
-class DataMethod(Method):
-    """A method that reads its own data: ``read_data(source, config)`` is called by
-    ``otaro.quantize`` after the model loads and before ``run``, which gets its result as
-    ``calibration``."""
-
-    read_data: object = None
-
-
 register_method(
-    DataMethod(
+    Method(
         "qslaw",
         "QSLAW: RTN codes kept, one learned factor per group scale trained on the task loss "
         "(--qslaw-data; after --qslaw-warmup steps mixed 1:1 with --qslaw-generic text); int and ssfp "
