@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from otaro.errors import FormatError, OtaroError
 from otaro.formats import ZERO_GROUP_EXPONENT, IntFormat, SEFPFormat
 from otaro.formats import torch_ref as Q
-from otaro.modules import IntLinear, SEFPLinear
+from otaro.modules import IntLinear, SEFPLinear, _StraightThrough
 
 # Factors are kept in this range after every step: a scale must stay positive (every layout
 # stores positive scales; a factor of 0 would erase a group) and finite in fp16.
@@ -48,16 +48,9 @@ def is_pow2(fmt) -> bool:
     return isinstance(fmt, SEFPFormat) and fmt.scale == "pow2"
 
 
-class _Snap(torch.autograd.Function):
-    """Forward: the snapped value given; backward: the gradient passes to the raw one."""
-
-    @staticmethod
-    def forward(ctx, raw, snapped):
-        return snapped
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+# Forward: the snapped value given; backward: the gradient passes to the raw one (the same
+# straight-through Function SEFPLinear uses).
+_Snap = _StraightThrough
 
 
 def folded_scale(scale: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
