@@ -1,16 +1,20 @@
-"""Once-for-all fine-tuning on SmolLM2-135M vs its baselines, ablations and a per-bit model zoo.
+"""Fine-tuning recipe study on SmolLM2-135M: what `otaro finetune` adds to the one SEFP model,
+judged by KL divergence to the fp32 model (with top-1 agreement and perplexity) at every b.
 
-Runs, all from the same model, data, steps, batch and learning rate:
-  (c) OTARo: BPS path + LAA, one run for every bit-width 2..8
-  (d) ablations: uniform-random path, round-robin path, BPS without LAA
-  (e) model zoo: one SEFP QAT run per bit-width (fixed path, no LAA) for --zoo-bits
-and, without training: (a) fp32, (b) SEFP-RTN (sefp-g64-trunc), (f) int-RTN (g128 asym).
-Train on Brown genres a–j; evaluate on Brown k–r and Austen (evenly spaced 512-token windows).
-Also measures the fake-quantization overhead of a training step (same model without it).
+Runs, all from the same model, data, steps, batch, learning rate and seed, in the default
+SEFP format, with the head and embedding in float (as the quality benchmark's rows):
+  otaro        the recipe: BPS path + LAA + distillation from the fp32 model, from its weights
+  no-distill   the same on the language-model loss only
+  no-laa       BPS without LAA
+  round-robin  a cyclic path instead of BPS (LAA kept)
+  from-gptq    the recipe started from the multi-bit GPTQ checkpoint (`--init`, scales frozen)
+and, untrained, the two starts: RTN in the format (`rtn`) and multi-bit GPTQ (`gptq`, λ as the
+quality benchmark's "low" rows). Evaluation: the quality benchmark's windows (evenly spaced
+512-token windows of Brown k–r and Austen), reference = the fp32 model.
 
 Writes benchmarks/results/finetune.json, benchmarks/results/finetune.png and the `finetune`
-section of benchmarks/RESULTS.md. Checkpoints go to the asset cache (never the repo); pass
---reuse to evaluate checkpoints left by an earlier run with the same settings.
+section of benchmarks/RESULTS.md. Checkpoints go to the asset cache (never the repo); --reuse
+evaluates checkpoints an earlier run left with the same settings.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,38 +32,66 @@ sys.path.insert(0, str(HERE))
 from results_md import update_section  # noqa: E402
 
 TEXTS = ("corpus:brown-eval", "corpus:austen")
-FMT = "sefp-g64-trunc"
+DATA = ("corpus:brown-train",)
+GPTQ_TARGETS = "3:16,4:4,8:1"  # quality.py's "low" λ: the precisions the product reads at weigh most
+LOW = (2, 3, 4)
+RUNS = {
+    "otaro": {},
+    "no-distill": {"distill": 0.0},
+    "no-laa": {"laa": False},
+    "round-robin": {"path": "round-robin"},
+    "from-gptq": {"init": "gptq"},
+}
+ORDER = ("rtn", "otaro", "no-distill", "no-laa", "round-robin", "gptq", "from-gptq")
 
 
-def runs(zoo_bits):
-    out = {
-        "otaro": dict(path="bps", laa=True),
-        "random-path": dict(path="random", laa=True),
-        "round-robin": dict(path="round-robin", laa=True),
-        "no-laa": dict(path="bps", laa=False),
-    }
-    for b in zoo_bits:
-        out[f"zoo-{b}"] = dict(path="fixed", fixed_bits=b, laa=False)
+def default_format() -> str:
+    from otaro.formats import DEFAULT_SEFP
+
+    return DEFAULT_SEFP
+
+
+def gptq_start(args, cache: Path) -> Path:
+    """The multi-bit GPTQ checkpoint `from-gptq` starts from (made once, then reused)."""
+    from otaro.quantize import QuantizeConfig, quantize
+
+    out = cache / "start-gptq"
+    cfg = QuantizeConfig(model=args.model, output=str(out), method="gptq", format=args.format, calib=DATA,
+                         calib_samples=args.calib_samples, calib_len=args.calib_len, bits=GPTQ_TARGETS, head_bits=None,
+                         overwrite=True)
+    manifest = out / "otaro.json"
+    if args.reuse and manifest.is_file():
+        print(f"[gptq] reusing {out}")
+        return out
+    print(f"[gptq] quantizing the start ({GPTQ_TARGETS}, {args.calib_samples} windows) ...", flush=True)
+    t = time.perf_counter()
+    quantize(cfg)
+    print(f"[gptq] {time.perf_counter() - t:.0f} s", flush=True)
     return out
 
 
-def train_all(args, cache: Path) -> dict:
+def train_all(args, cache: Path, start: Path) -> dict:
     from otaro.training.config import FinetuneConfig
     from otaro.training.trainer import finetune
 
     done = {}
-    for name, kw in runs(args.zoo_bits).items():
+    for name, kw in RUNS.items():
+        kw = dict(kw)
+        if kw.get("init") == "gptq":
+            kw["init"] = str(start)
         out = cache / name
+        base = dict(distill=args.distill)
+        base.update(kw)
         cfg = FinetuneConfig(
-            model=args.model, data=("corpus:brown-train",), output=str(out), format=FMT, steps=args.steps,
+            model=args.model, data=DATA, output=str(out), format=args.format, steps=args.steps,
             seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, args.steps // 10),
-            heldout_fraction=0.01, eval_every=max(1, args.steps // 2), save_every=args.steps, eval_batches=1,
-            seed=args.seed, overwrite=True, **kw,
+            heldout_fraction=0.01, eval_every=args.steps, save_every=args.steps, eval_batches=1, seed=args.seed,
+            overwrite=True, head_bits=None, **base,
         )
         manifest = out / "otaro.json"
         if args.reuse and manifest.is_file():
             stored = json.loads(manifest.read_text())["method"]["config"]
-            if not cfg.resume_mismatch(stored) or cfg.resume_mismatch(stored) == ["overwrite"]:
+            if cfg.resume_mismatch(stored) in ([], ["overwrite"]):
                 print(f"[{name}] reusing {out}")
                 done[name] = json.loads(manifest.read_text())["finetune"]
                 continue
@@ -70,21 +103,19 @@ def train_all(args, cache: Path) -> dict:
     return done
 
 
-def evaluate_all(args, cache: Path) -> list[dict]:
+def evaluate_all(args, cache: Path, start: Path) -> tuple[list[dict], dict]:
     from otaro.evaluation.run import EvalConfig, run_eval
 
-    rows = []
     common = dict(texts=TEXTS, seq_len=args.eval_seq_len, max_windows=args.eval_windows, batch_size=2)
-    base = run_eval(EvalConfig(args.model, formats=(FMT,) + tuple(f"int{b}-g128-asym" for b in range(2, 9)), **common),
-                    show_progress=False)
+    base = run_eval(EvalConfig(args.model, formats=(args.format,), head_bits=None, **common), show_progress=False)
+    rows = []
     for r in base["rows"]:
-        r["method"] = {"fp32": "fp32", FMT: "sefp-rtn"}.get(r["label"], "int-rtn-g128-asym")
-    rows += base["rows"]
-    for name in runs(args.zoo_bits):
-        bits = (int(name.split("-")[1]),) if name.startswith("zoo-") else tuple(range(2, 9))
-        res = run_eval(EvalConfig(str(cache / name), bits=bits, **common), show_progress=False)
+        r["method"] = "fp32" if r["label"] == "fp32" else "rtn"
+        rows.append(r)
+    for name, path in [("gptq", start), *((n, cache / n) for n in RUNS)]:
+        res = run_eval(EvalConfig(str(path), **common), show_progress=False)
         for r in res["rows"]:
-            r["method"] = "zoo" if name.startswith("zoo-") else name
+            r["method"] = name
         rows += res["rows"]
         print(f"[{name}] evaluated", flush=True)
     return rows, base
@@ -116,117 +147,126 @@ def step_overhead(args) -> dict:
     plain = copy.deepcopy(src.model).train()
     t_plain = timed(plain)
     del plain
-    q = convert(copy.deepcopy(src.model), FMT, packed=False).train()
+    q = convert(copy.deepcopy(src.model), args.format, packed=False).train()
     set_precision(q, 4)
     t_q = timed(q)
     return {"plain_s": t_plain, "sefp_s": t_q, "overhead": t_q / t_plain - 1}
 
 
-def fmt_ppl(p):
-    return f"{p:.3g}" if p >= 1e4 else f"{p:.2f}"
+def mean(rows, method, bits, key="kld"):
+    sel = [r[key] for r in rows if r["method"] == method and r["bits"] == bits]
+    return sum(sel) / len(sel) if sel else None
+
+
+def goals(rows) -> list[dict]:
+    out = []
+
+    def beats(a, b, bits, what):
+        lost = [x for x in bits if not mean(rows, a, x) < mean(rows, b, x)]
+        cells = ", ".join(f"b={x} {mean(rows, a, x):.3f} vs {mean(rows, b, x):.3f}" for x in bits)
+        out.append({"met": not lost, "text": f"{what} at every b ≤ 4 (KLD, mean over texts): {cells}"
+                    + (f" — not at b={lost}" if lost else "")})
+
+    beats("otaro", "rtn", LOW, "fine-tuned (otaro) beats its PTQ start (RTN)")
+    beats("from-gptq", "gptq", LOW, "fine-tuned from multi-bit GPTQ beats that start")
+    for abl in ("round-robin", "no-laa"):
+        beats("otaro", abl, LOW, f"BPS + LAA beats the {abl} ablation")
+    beats("otaro", "no-distill", LOW, "distillation beats the LM loss alone")
+    for m in ("otaro", "from-gptq"):
+        k = mean(rows, m, 8)
+        out.append({"met": k <= 0.005, "text": f"{m} keeps b = 8 near lossless: KLD {k:.4f} ≤ 0.005 "
+                    f"(its start: {mean(rows, 'rtn' if m == 'otaro' else 'gptq', 8):.4f})"})
+    return out
 
 
 def markdown(result) -> str:
-    rows, a = result["rows"], result["args"]
-    by = {(r["dataset"], r["method"], r["bits"]): r["ppl"] for r in rows}
-    methods = ["sefp-rtn", "otaro", "random-path", "round-robin", "no-laa", "zoo", "int-rtn-g128-asym"]
-    m, ov = result["machine"], result["overhead"]
-    steps_total = a["steps"] * (1 + 0)  # one OTARo run
-    zoo_total = a["steps"] * len(a["zoo_bits"])
+    rows, a, m, ov = result["rows"], result["args"], result["machine"], result["overhead"]
+    methods = [x for x in ORDER if any(r["method"] == x for r in rows)]
+    by = {(r["dataset"], r["method"], r["bits"]): r for r in rows}
     lines = [
-        "## Once-for-all fine-tuning on SmolLM2-135M (BPS + LAA) vs RTN, ablations and a per-bit zoo",
+        "## Fine-tuning recipe study on SmolLM2-135M (KLD to fp32 per bit-width)",
         "",
         f"Produced by `python benchmarks/finetune_bench.py` in {result['seconds'] / 60:.0f} min on {m['processor']}, "
         f"{m['cpus']} CPUs; torch {m['torch']}, transformers {m['transformers']}, otaro {m['otaro']}.",
-        f"Every run: {a['steps']} steps × batch {a['batch_size']} × {a['seq_len']} tokens of Brown a–j, AdamW lr {a['lr']} "
-        f"(cosine, 10% warmup), format {FMT}, seed {a['seed']}. Evaluation: {a['eval_windows']} × {a['eval_seq_len']}-token windows "
-        "per text (evenly spaced). This is a CPU-sized setting: a few thousand training tokens per bit-width, "
-        "enough to show the effect of tuning on the collapsed low bit-widths, not a converged model.",
-        f"Training compute: OTARo {steps_total} steps for all 7 bit-widths; the zoo {zoo_total} steps for "
-        f"{len(a['zoo_bits'])} bit-widths ({a['steps'] * 7} for all 7).",
+        f"Every run: {a['steps']} steps × batch {a['batch_size']} × {a['seq_len']} tokens of Brown a–j, AdamW lr "
+        f"{a['lr']} (cosine, 10% warmup), distillation weight {a['distill']} unless the run drops it, format "
+        f"{a['format']} (head and embedding float), seed {a['seed']}, bits 2–8. `gptq` is multi-bit GPTQ with "
+        f"λ = {GPTQ_TARGETS} on {a['calib_samples']} × {a['calib_len']} calibration tokens; `from-gptq` starts there "
+        f"(`--init`). Evaluation: {a['eval_windows']} × {a['eval_seq_len']}-token windows per text, KLD / top-1 against the fp32 model.",
+        "This is a CPU-sized budget (a few thousand tokens per bit-width): it ranks recipes at equal cost, it is "
+        "not a converged model. One seed: differences of a few percent are within run-to-run noise.",
         f"Fake-quantization overhead of a training step (batch {a['batch_size']} × {a['seq_len']}): "
-        f"{ov['sefp_s']:.2f} s vs {ov['plain_s']:.2f} s without it, **{ov['overhead'] * 100:+.0f}%** (goal: under 25%).",
-        "",
-        "**Caveat:** SmolLM2's offline weights are the Q4_1 GGUF (4-bit asymmetric g32 grid); see the RTN section.",
+        f"{ov['sefp_s']:.2f} s vs {ov['plain_s']:.2f} s without it, **{ov['overhead'] * 100:+.0f}%**.",
         "",
     ]
-    for d in dict.fromkeys(r["dataset"] for r in rows):
-        lines.append(f"### {d} (fp32 perplexity {by[(d, 'fp32', None)]:.2f})")
-        lines.append("")
-        lines.append("| b | " + " | ".join(methods) + " |")
-        lines.append("|---|" + "---|" * len(methods))
+    for d in dict.fromkeys(r["dataset"] for r in rows if r["method"] != "fp32"):
+        lines += [f"### {d}: KLD (top-1 agreement)", "", "| b | " + " | ".join(methods) + " |",
+                  "|---|" + "---|" * len(methods)]
         for b in range(2, 9):
-            cells = [fmt_ppl(by[(d, meth, b)]) if (d, meth, b) in by else "" for meth in methods]
+            cells = [f"{by[(d, x, b)]['kld']:.3f} ({100 * by[(d, x, b)]['top1']:.0f}%)" if (d, x, b) in by else ""
+                     for x in methods]
             lines.append(f"| {b} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("Goals, checked on these numbers (✓ met, ✗ missed):")
-    lines.append("")
-    for g in result["goals"]:
-        lines.append(f"- {'✓' if g['met'] else '✗'} {g['text']}")
-    lines += ["", "![perplexity per bit-width](results/finetune.png)"]
+    lines += ["Steps per bit-width on each run's path (BPS scores the loss gap to the top precision):", ""]
+    for name, st in result["training"].items():
+        c = Counter(st["path"])
+        lines.append(f"- {name}: " + ", ".join(f"b{b}×{c[b]}" for b in sorted(c))
+                     + f"; {st['optimizer_updates']} optimizer updates, {st['seconds'] / 60:.1f} min")
+    best = min(RUNS, key=lambda n: sum(mean(rows, n, b) for b in (3, 4)))
+    lines += ["", f"Lowest KLD at b = 3 + 4 (mean over texts): **{best}**.", "",
+              "Goals, checked on these numbers (✓ met, ✗ missed):", ""]
+    lines += [f"- {'✓' if g['met'] else '✗'} {g['text']}" for g in result["goals"]]
+    lines += ["", "![KLD per bit-width](results/finetune.png)"]
     return "\n".join(lines)
-
-
-def goals(rows, zoo_bits) -> list[dict]:
-    by = {(r["dataset"], r["method"], r["bits"]): r["ppl"] for r in rows}
-    out = []
-    for d in dict.fromkeys(r["dataset"] for r in rows):
-        worst = max((by[(d, "otaro", b)] / by[(d, "zoo", b)] - 1, b) for b in zoo_bits)
-        out.append({"met": worst[0] <= 0.05,
-                    "text": f"{d}: once-tuned within 5% of the per-bit zoo at every zoo b (worst {worst[0] * 100:+.1f}% at b={worst[1]})"})
-        losers = [b for b in range(2, 7) if by[(d, "otaro", b)] >= by[(d, "sefp-rtn", b)]]
-        out.append({"met": not losers, "text": f"{d}: once-tuned better than SEFP-RTN at every b ≤ 6"
-                    + (f" (not at b={losers})" if losers else "")})
-        low = [2, 3, 4]
-        best_abl = {b: min(by[(d, m, b)] for m in ("random-path", "round-robin", "no-laa")) for b in low}
-        missed = [b for b in low if by[(d, "otaro", b)] >= best_abl[b]]
-        out.append({"met": not missed, "text": f"{d}: BPS+LAA better than the best ablation at b = 2, 3, 4"
-                    + (f" (not at b={missed})" if missed else "")})
-    return out
 
 
 def plot(rows, path: Path):
     from plots import ppl_panels
 
-    styles = {"sefp-rtn": ":x", "otaro": "-o", "random-path": "--^", "round-robin": "--v", "no-laa": "--s",
-              "zoo": "D", "int-rtn-g128-asym": ":+"}
-    ppl_panels(rows, path, series="method", x="bits", xlabel="weight bit-width b",
-               title=lambda d: f"SmolLM2-135M fine-tuning — {d}", style=lambda name: styles.get(name, "-"))
+    styles = {"rtn": ":x", "otaro": "-o", "no-distill": "--^", "no-laa": "--s", "round-robin": "--v",
+              "gptq": ":+", "from-gptq": "-D"}
+    ppl_panels([r for r in rows if r["method"] != "fp32"], path, series="method", x="bits",
+               xlabel="weight bit-width b", title=lambda d: f"SmolLM2-135M fine-tuning recipes — {d}",
+               style=lambda name: styles.get(name, "-"), metric="kld")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--format", default=None, help="SEFP format (default: the project default)")
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--distill", type=float, default=1.0, help="distillation weight of the recipe (default 1)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-windows", type=int, default=4)
+    ap.add_argument("--calib-samples", type=int, default=32, help="GPTQ calibration windows (default 32)")
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=3)
     ap.add_argument("--eval-seq-len", type=int, default=512)
-    ap.add_argument("--zoo-bits", default="2,3,4,8")
     ap.add_argument("--reuse", action="store_true", help="reuse checkpoints of an earlier run with the same settings")
     ap.add_argument("--no-write", action="store_true", help="print, do not update RESULTS.md (smoke runs)")
     args = ap.parse_args()
-    args.zoo_bits = [int(b) for b in args.zoo_bits.split(",")]
+    args.format = args.format or default_format()
 
     from otaro.assets.cache import cache_dir
     from otaro.errors import OtaroError
     from otaro.io import write_json
 
-    cache = cache_dir() / "bench" / "finetune" / args.model
+    cache = cache_dir() / "bench" / "finetune-recipe" / args.model / args.format
     t0 = time.perf_counter()
     try:
         overhead = step_overhead(args)
         print(f"fake-quant overhead {overhead}", flush=True)
-        train_stats = train_all(args, cache)
-        rows, base = evaluate_all(args, cache)
+        start = gptq_start(args, cache)
+        train_stats = train_all(args, cache, start)
+        rows, base = evaluate_all(args, cache, start)
     except OtaroError as e:
         print(f"skipped: {e}")
         return 0
     result = {"args": vars(args), "rows": rows, "training": train_stats, "overhead": overhead,
               "machine": base["machine"], "seconds": time.perf_counter() - t0}
-    result["goals"] = goals(rows, args.zoo_bits)
+    result["goals"] = goals(rows)
     body = markdown(result)
     print(body)
     if not args.no_write:
@@ -238,4 +278,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,5 +1,5 @@
-"""Perplexity panels shared by the benchmark scripts: one panel per dataset, one line per series,
-fp32 as a dashed reference, log-scale y."""
+"""Metric panels shared by the benchmark scripts: one panel per dataset, one line per series,
+log-scale y; for perplexity, fp32 as a dashed reference (its KLD to itself is 0: no line)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Callable
 
 
 def ppl_panels(rows: list[dict], path: Path, *, series: str, x: str, xlabel: str, title: Callable[[str], str],
-               style: Callable[[str], str]) -> Path:
+               style: Callable[[str], str], metric: str = "ppl") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,13 +26,14 @@ def ppl_panels(rows: list[dict], path: Path, *, series: str, x: str, xlabel: str
                 groups[r[series]].append(r)
         for name, pts in groups.items():
             if name == "fp32":
-                ax.axhline(pts[0]["ppl"], color="k", ls="--", lw=1, label="fp32")
+                if metric == "ppl":
+                    ax.axhline(pts[0]["ppl"], color="k", ls="--", lw=1, label="fp32")
                 continue
             pts.sort(key=lambda r: r["bits"])
-            ax.plot([p[x] for p in pts], [p["ppl"] for p in pts], style(name), ms=5, label=name)
+            ax.plot([p[x] for p in pts], [p[metric] for p in pts], style(name), ms=5, label=name)
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("perplexity (log)")
+        ax.set_ylabel({"ppl": "perplexity", "kld": "KL divergence to fp32"}.get(metric, metric) + " (log)")
         ax.set_title(title(d))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)

@@ -413,10 +413,14 @@ def inspect(path, as_json):
               help="Train even if the up-front estimate of peak memory exceeds the memory available.")
 @click.option("--head-bits", "head_bits", type=_HeadBits(), default="auto", show_default=True,
               help=HEAD_BITS_HELP + " The head is trained in float and stored as codes at the end.")
+@click.option("--init", "init", type=click.Path(file_okay=False), default=None,
+              help="Start from this quantized checkpoint of MODEL in the same --format (e.g. `otaro quantize "
+                   "--method gptq --bits 3:16,4:4,8:1`): the weights begin at its 8-bit codes instead of the "
+                   "float weights. Distillation still learns from MODEL.")
 def finetune(model, data, output, bits, fmt, path_name, fixed_bits, segment_len, explore, ucb_c, epsilon, score, laa,
              laa_threshold, laa_k, steps, seq_len, batch_size, lr, schedule, warmup_steps, grad_clip, weight_decay,
              distill, mixed_precision, gradient_checkpointing, heldout_fraction, eval_every, save_every, seed, resume,
-             overwrite, ignore_memory_check, head_bits):
+             overwrite, ignore_memory_check, head_bits, init):
     """Fine-tune MODEL once so that one SEFP checkpoint is good at every bit-width in --bits.
 
     Each step runs the model at the bit-width the path picks (BPS: a score per bit-width plus
@@ -437,7 +441,7 @@ def finetune(model, data, output, bits, fmt, path_name, fixed_bits, segment_len,
         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
         heldout_fraction=heldout_fraction, eval_every=eval_every, save_every=save_every, seed=seed, resume=resume,
         overwrite=overwrite, ignore_memory_check=ignore_memory_check,
-        head_bits=None if head_bits == "float" else head_bits,
+        head_bits=None if head_bits == "float" else head_bits, init=init,
     )
     path = run(cfg)
     if path is not None:

@@ -62,6 +62,11 @@ class SEFPLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
         self.bits = fmt.top_bits if bits is None and packed else bits
         self._cache: tuple[int, torch.Tensor] | None = None
+        # A master layer's per-group shared values, frozen (``fix_shared_``) when fine-tuning
+        # starts from a checkpoint's codes; None: derived from the master weight every step.
+        # Not persistent: a stored layer holds its shared values under their own name, and a
+        # resumed run re-applies --init before loading its state.
+        self.register_buffer("fixed_shared", None, persistent=False)
 
     @property
     def packed(self) -> bool:
@@ -110,10 +115,26 @@ class SEFPLinear(nn.Module):
         if bits != self.bits:
             self.bits, self._cache = bits, None
 
+    def fix_shared_(self, shared: torch.Tensor) -> None:
+        """Freeze the per-group shared values of a master layer: from now on its codes are the
+        master weight encoded on *these* scales (weights beyond 127 steps saturate) instead of
+        scales re-derived from each group's max |w|. Fine-tuning from a checkpoint's codes uses
+        this, so that the start reproduces every stored code (otaro.training.init)."""
+        if self.packed:
+            raise FormatError("a packed SEFP layer already stores its shared values")
+        want = (self.out_features, -(-self.in_features // self.fmt.group_size))
+        if tuple(shared.shape) != want:
+            raise FormatError(f"shared values of shape {tuple(shared.shape)} do not fit a layer with groups {want}")
+        self.fixed_shared = shared.detach().clone().to(self.weight.device)
+        self._cache = None
+
     def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored 8-bit (mantissa, shared): buffers, or encoded from the master weight."""
         if self.packed:
             return self.mantissa, self.shared
+        if self.fixed_shared is not None:
+            w = Q.pad_groups(self.weight.detach().to(torch.float32), self.fmt.group_size)
+            return Q.sefp_encode_with(w, self.fixed_shared, self.fmt), self.fixed_shared
         return Q.sefp_encode(self.weight.detach(), self.fmt)
 
     def quantized_weight(self, bits: int | None = None) -> torch.Tensor:
@@ -121,7 +142,11 @@ class SEFPLinear(nn.Module):
         if not self.packed:
             if bits is None:
                 return self.weight
-            q = Q.sefp_quantize(self.weight.detach(), self.fmt, bits, check=False)
+            if self.fixed_shared is None:
+                q = Q.sefp_quantize(self.weight.detach(), self.fmt, bits, check=False)
+            else:
+                m8, shared = self.codes()
+                q = Q.sefp_dequantize(m8, shared, bits, self.fmt, self.in_features, self.weight.dtype)
             return _StraightThrough.apply(self.weight, q)
         if self._cache is not None and self._cache[0] == bits:
             return self._cache[1]
@@ -137,9 +162,10 @@ class SEFPLinear(nn.Module):
         """Master -> packed, in place (drops the master weight)."""
         if self.packed:
             return
-        m8, e = Q.sefp_encode(self.weight.detach(), self.fmt)
+        m8, e = self.codes()
         del self.weight
         self.weight = None
+        self.fixed_shared = None
         self.register_buffer("mantissa", m8)
         self.register_buffer(self.fmt.shared_name, e)
         self._cache = None

@@ -418,3 +418,64 @@ def test_memory_estimate_is_within_a_loose_factor_of_the_measured_peak(tmp_path,
     # step (growth reads low) and RSS moves in pages and arenas; an activation model that is off
     # by a factor (a missing per-layer term, the full logits coming back) falls outside it.
     assert 0.8 * growth <= need <= 2.5 * growth, (need / 2**20, growth / 2**20)
+
+
+# --------------------------------------------------------------------------- --init CKPT
+
+
+@pytest.fixture(scope="module")
+def gptq_start(tmp_path_factory):
+    """A multi-bit GPTQ checkpoint of tiny-llama in the default format (a fine-tuning start)."""
+    from otaro.quantize import QuantizeConfig, quantize
+
+    root = tmp_path_factory.mktemp("init")
+    corpus = root / "calib.txt"
+    corpus.write_text((SAMPLE_TEXT + "\n\n") * 40, encoding="utf-8")
+    return quantize(QuantizeConfig(model="tiny-llama", output=str(root / "gptq"), method="gptq", calib=(str(corpus),),
+                                   calib_samples=4, calib_len=32, bits="3:16,4:4,8:1", head_bits=None))
+
+
+def test_init_starts_the_masters_at_the_checkpoints_codes(gptq_start):
+    from otaro import checkpoint
+    from otaro.formats import get_format
+    from otaro.modules import convert, pack, quant_layers
+    from otaro.sources import load_source
+    from otaro.training.init import apply_init
+
+    model = load_source("tiny-llama").model
+    convert(model, get_format(DEFAULT_SEFP), packed=False)
+    report = apply_init(model, gptq_start)
+    start = quant_layers(checkpoint.load(gptq_start))
+    # GPTQ's scale search leaves groups without a magnitude-127 code: re-deriving scales from
+    # max |w| would move their codes, the frozen scales keep every one
+    assert any(int(l.mantissa.abs().amax()) < 127 or
+               bool((l.mantissa.to(torch.int16).abs().reshape(l.out_features, -1, l.fmt.group_size).amax(-1) < 127).any())
+               for l in start.values())
+    assert report.fraction == 1.0 and report.codes == sum(l.mantissa.numel() for l in start.values())
+    for name, layer in quant_layers(model).items():
+        for b in (2, 3, 4, 8):  # the start computes, at every precision, what the checkpoint computes
+            layer.set_bits(b)
+            assert torch.equal(layer.quantized_weight(), start[name].quantized_weight(b)), (name, b)
+    pack(model)  # storing the start gives the checkpoint's codes and scales back
+    for name, layer in quant_layers(model).items():
+        assert torch.equal(layer.mantissa, start[name].mantissa) and torch.equal(layer.shared, start[name].shared)
+        assert layer.fixed_shared is None
+
+
+def test_finetune_from_a_checkpoint_records_its_start(tmp_path, corpus, gptq_start):
+    out = finetune(cfg(corpus, tmp_path / "ck", steps=2, init=str(gptq_start)), show_progress=False)
+    m = json.loads((out / "otaro.json").read_text())
+    init = m["finetune"]["init"]
+    assert init["checkpoint"] == str(gptq_start) and 0.9 < init["codes_reproduced"] <= 1.0
+    assert m["method"]["config"]["init"] == str(gptq_start)
+
+
+def test_bad_init_fails_before_compute(tmp_path, corpus, gptq_start):
+    def fails(*args, needle):
+        res = CliRunner().invoke(cli, ["finetune", "tiny-llama", "--data", str(corpus), "-o", str(tmp_path / "o"),
+                                       "--seq-len", "32", *map(str, args)], catch_exceptions=False)
+        assert res.exit_code != 0 and needle in res.output and "Traceback" not in res.output, res.output
+
+    fails("--init", tmp_path, needle="not an otaro checkpoint")
+    fails("--init", gptq_start, "--format", "sefp-g64-trunc", needle=f"--format {DEFAULT_SEFP}")
+    assert not (tmp_path / "o").exists()

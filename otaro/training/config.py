@@ -68,6 +68,9 @@ class FinetuneConfig:
     # The head and embedding of the saved checkpoint (otaro.head; they are trained in float):
     # "auto" = SEFP codes with an 8-bit head, an int = that head precision, None = float.
     head_bits: int | str | None = "auto"
+    # an otaro checkpoint of this model and format (e.g. multi-bit GPTQ) whose 8-bit weights the
+    # master weights start from (otaro.training.init); None: the source model's float weights
+    init: str | None = None
     version: int = FINETUNE_CONFIG_VERSION
 
     def __post_init__(self):
@@ -109,7 +112,12 @@ class FinetuneConfig:
             raise OtaroError("min-lr-ratio must be in [0, 1]; warmup, grad-clip and weight-decay must be >= 0")
         # The checkpoint and its run folder are replaced by --overwrite: neither may be (or hold)
         # the model or the training data.
-        inputs = [self.model, *(d for d in self.data if not str(d).startswith("corpus:"))]
+        if self.init is not None:
+            from otaro.training.init import check_init_path
+
+            check_init_path(self.init, fmt.name)
+        inputs = [self.model, *(d for d in self.data if not str(d).startswith("corpus:")),
+                  *([self.init] if self.init else [])]
         out = Path(self.output).resolve()
         for path in (out, out.with_name(out.name + ".run")) if out.name else (out,):
             refuse_output_over_inputs(path, inputs)

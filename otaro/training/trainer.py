@@ -71,6 +71,7 @@ class _Run:
     step: int = 0
     optimizer_updates: int = 0
     memory_estimate: object | None = None  # otaro.training.memory.MemoryEstimate (None if it could not be made)
+    init_report: object | None = None  # otaro.training.init.InitReport of --init (None without it)
 
 
 def _check_device(cfg: FinetuneConfig) -> None:
@@ -141,6 +142,11 @@ def _prepare(cfg: FinetuneConfig, show_progress: bool) -> _Run:
     if cfg.distill > 0:
         teacher = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
     convert(model, get_format(cfg.format), packed=False)
+    init_report = None
+    if cfg.init:  # the master weights start at a quantized checkpoint's 8-bit weights (otaro.training.init)
+        from otaro.training.init import apply_init
+
+        init_report = apply_init(model, cfg.init)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -157,7 +163,8 @@ def _prepare(cfg: FinetuneConfig, show_progress: bool) -> _Run:
                         scale=cfg.laa_scale))
     order = BatchOrder(len(splits.train.input_ids), cfg.batch_size, cfg.seed, world=accelerator.num_processes)
     return _Run(cfg, accelerator, prepared, accelerator.unwrap_model(prepared).lm, teacher, optimizer, scheduler, path,
-                laa, order, splits.train, splits.heldout, src.tokenizer, memory_estimate=memory_estimate)
+                laa, order, splits.train, splits.heldout, src.tokenizer, memory_estimate=memory_estimate,
+                init_report=init_report)
 
 
 def _loss_scale(run: _Run) -> float:
@@ -397,6 +404,8 @@ def _finetune(cfg: FinetuneConfig, show_progress: bool = True, stop_after: int |
     say = bar.write if show_progress and acc.is_main_process else (lambda msg: None)
     if run.step < cfg.steps:
         say(_plan_line(run))
+    if run.init_report is not None and run.step == 0:
+        say(run.init_report.line(cfg.init))
     first_step_at = None
     if run.step == 0:
         log.write({"step": 0, "eval": evaluate(run)})  # the starting point of every curve
@@ -437,6 +446,8 @@ def _finetune(cfg: FinetuneConfig, show_progress: bool = True, stop_after: int |
             "optimizer_updates": run.optimizer_updates, "laa_low_bit_updates": run.laa.low_updates,
             "memory_estimate_bytes": run.memory_estimate.total if run.memory_estimate else None,
             "final_heldout_loss": final_eval, "seconds": round(time.perf_counter() - t0, 2),
+            "init": None if run.init_report is None else {
+                "checkpoint": str(cfg.init), "codes_reproduced": round(run.init_report.fraction, 6)},
         },
     }
     run.raw.eval()
