@@ -7,7 +7,13 @@ SEFP format, with the head and embedding in float (as the quality benchmark's ro
   no-distill   the same on the language-model loss only
   no-laa       BPS without LAA
   round-robin  a cyclic path instead of BPS (LAA kept)
+  lr/4         the recipe at a quarter of the learning rate (does b = 8 drift less?)
+  bits-3-8     the recipe with b = 2 left off the path (the product reads at 3-8)
+  rr-no-laa    a cyclic path and no LAA (both ablations at once)
+  frozen-rtn   the recipe started from the RTN checkpoint with `--init` (its scales frozen, as
+               from-gptq's are: separates "frozen scales" from "a better start")
   from-gptq    the recipe started from the multi-bit GPTQ checkpoint (`--init`, scales frozen)
+  from-gptq-no-laa  the same without LAA
 and, untrained, the two starts: RTN in the format (`rtn`) and multi-bit GPTQ (`gptq`, λ as the
 quality benchmark's "low" rows). Evaluation: the quality benchmark's windows (evenly spaced
 512-token windows of Brown k–r and Austen), reference = the fp32 model.
@@ -40,9 +46,15 @@ RUNS = {
     "no-distill": {"distill": 0.0},
     "no-laa": {"laa": False},
     "round-robin": {"path": "round-robin"},
+    "lr/4": {"lr_scale": 0.25},
+    "bits-3-8": {"bits": (3, 4, 5, 6, 7, 8)},
+    "rr-no-laa": {"path": "round-robin", "laa": False},
+    "frozen-rtn": {"init": "rtn"},
     "from-gptq": {"init": "gptq"},
+    "from-gptq-no-laa": {"init": "gptq", "laa": False},
 }
-ORDER = ("rtn", "otaro", "no-distill", "no-laa", "round-robin", "gptq", "from-gptq")
+ORDER = ("rtn", "otaro", "no-distill", "no-laa", "round-robin", "rr-no-laa", "lr/4", "bits-3-8", "frozen-rtn", "gptq",
+         "from-gptq", "from-gptq-no-laa")
 
 
 def default_format() -> str:
@@ -51,40 +63,42 @@ def default_format() -> str:
     return DEFAULT_SEFP
 
 
-def gptq_start(args, cache: Path) -> Path:
-    """The multi-bit GPTQ checkpoint `from-gptq` starts from (made once, then reused)."""
+def make_start(args, cache: Path, method: str) -> Path:
+    """A post-training checkpoint a run starts from with --init (made once, then reused):
+    `gptq` = multi-bit GPTQ with λ = GPTQ_TARGETS, `rtn` = round to nearest."""
     from otaro.quantize import QuantizeConfig, quantize
 
-    out = cache / "start-gptq"
-    cfg = QuantizeConfig(model=args.model, output=str(out), method="gptq", format=args.format, calib=DATA,
-                         calib_samples=args.calib_samples, calib_len=args.calib_len, bits=GPTQ_TARGETS, head_bits=None,
-                         overwrite=True)
+    out = cache / f"start-{method}"
+    extra = dict(calib=DATA, calib_samples=args.calib_samples, calib_len=args.calib_len, bits=GPTQ_TARGETS) \
+        if method == "gptq" else {}
+    cfg = QuantizeConfig(model=args.model, output=str(out), method=method, format=args.format, head_bits=None,
+                         overwrite=True, **extra)
     manifest = out / "otaro.json"
     if args.reuse and manifest.is_file():
-        print(f"[gptq] reusing {out}")
+        print(f"[{method}] reusing {out}")
         return out
-    print(f"[gptq] quantizing the start ({GPTQ_TARGETS}, {args.calib_samples} windows) ...", flush=True)
+    print(f"[{method}] quantizing a start ...", flush=True)
     t = time.perf_counter()
     quantize(cfg)
-    print(f"[gptq] {time.perf_counter() - t:.0f} s", flush=True)
+    print(f"[{method}] {time.perf_counter() - t:.0f} s", flush=True)
     return out
 
 
-def train_all(args, cache: Path, start: Path) -> dict:
+def train_all(args, cache: Path, starts: dict[str, Path]) -> dict:
     from otaro.training.config import FinetuneConfig
     from otaro.training.trainer import finetune
 
     done = {}
     for name, kw in RUNS.items():
         kw = dict(kw)
-        if kw.get("init") == "gptq":
-            kw["init"] = str(start)
-        out = cache / name
-        base = dict(distill=args.distill)
+        if kw.get("init"):
+            kw["init"] = str(starts[kw["init"]])
+        out = cache / name.replace("/", "-")
+        base = dict(distill=args.distill, lr=args.lr * kw.pop("lr_scale", 1.0))
         base.update(kw)
         cfg = FinetuneConfig(
             model=args.model, data=DATA, output=str(out), format=args.format, steps=args.steps,
-            seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, args.steps // 10),
+            seq_len=args.seq_len, batch_size=args.batch_size, warmup_steps=max(1, args.steps // 10),
             heldout_fraction=0.01, eval_every=args.steps, save_every=args.steps, eval_batches=1, seed=args.seed,
             overwrite=True, head_bits=None, **base,
         )
@@ -103,7 +117,7 @@ def train_all(args, cache: Path, start: Path) -> dict:
     return done
 
 
-def evaluate_all(args, cache: Path, start: Path) -> tuple[list[dict], dict]:
+def evaluate_all(args, cache: Path, starts: dict[str, Path]) -> tuple[list[dict], dict]:
     from otaro.evaluation.run import EvalConfig, run_eval
 
     common = dict(texts=TEXTS, seq_len=args.eval_seq_len, max_windows=args.eval_windows, batch_size=2)
@@ -112,7 +126,7 @@ def evaluate_all(args, cache: Path, start: Path) -> tuple[list[dict], dict]:
     for r in base["rows"]:
         r["method"] = "fp32" if r["label"] == "fp32" else "rtn"
         rows.append(r)
-    for name, path in [("gptq", start), *((n, cache / n) for n in RUNS)]:
+    for name, path in [("gptq", starts["gptq"]), *((n, cache / n.replace("/", "-")) for n in RUNS)]:
         res = run_eval(EvalConfig(str(path), **common), show_progress=False)
         for r in res["rows"]:
             r["method"] = name
@@ -190,7 +204,7 @@ def markdown(result) -> str:
         f"{m['cpus']} CPUs; torch {m['torch']}, transformers {m['transformers']}, otaro {m['otaro']}.",
         f"Every run: {a['steps']} steps × batch {a['batch_size']} × {a['seq_len']} tokens of Brown a–j, AdamW lr "
         f"{a['lr']} (cosine, 10% warmup), distillation weight {a['distill']} unless the run drops it, format "
-        f"{a['format']} (head and embedding float), seed {a['seed']}, bits 2–8. `gptq` is multi-bit GPTQ with "
+        f"{a['format']} (head and embedding float), seed {a['seed']}, bits 2–8 unless the run names others. `gptq` is multi-bit GPTQ with "
         f"λ = {GPTQ_TARGETS} on {a['calib_samples']} × {a['calib_len']} calibration tokens; `from-gptq` starts there "
         f"(`--init`). Evaluation: {a['eval_windows']} × {a['eval_seq_len']}-token windows per text, KLD / top-1 against the fp32 model.",
         "This is a CPU-sized budget (a few thousand tokens per bit-width): it ranks recipes at equal cost, it is "
@@ -224,7 +238,7 @@ def plot(rows, path: Path):
     from plots import ppl_panels
 
     styles = {"rtn": ":x", "otaro": "-o", "no-distill": "--^", "no-laa": "--s", "round-robin": "--v",
-              "gptq": ":+", "from-gptq": "-D"}
+              "lr/4": "-.<", "bits-3-8": "-.>", "rr-no-laa": "--o", "frozen-rtn": "-.x", "from-gptq-no-laa": "--D", "gptq": ":+", "from-gptq": "-D"}
     ppl_panels([r for r in rows if r["method"] != "fp32"], path, series="method", x="bits",
                xlabel="weight bit-width b", title=lambda d: f"SmolLM2-135M fine-tuning recipes — {d}",
                style=lambda name: styles.get(name, "-"), metric="kld")
@@ -258,9 +272,9 @@ def main() -> int:
     try:
         overhead = step_overhead(args)
         print(f"fake-quant overhead {overhead}", flush=True)
-        start = gptq_start(args, cache)
-        train_stats = train_all(args, cache, start)
-        rows, base = evaluate_all(args, cache, start)
+        starts = {m: make_start(args, cache, m) for m in ("gptq", "rtn")}
+        train_stats = train_all(args, cache, starts)
+        rows, base = evaluate_all(args, cache, starts)
     except OtaroError as e:
         print(f"skipped: {e}")
         return 0

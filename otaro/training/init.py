@@ -5,8 +5,8 @@ every step. Starting from a post-training checkpoint (multi-bit GPTQ, say) means
 master weight to the checkpoint's 8-bit weight ``M8 · Δ8`` *and* freezing its shared scales
 (``SEFPLinear.fix_shared_``). Re-deriving the scales from each group's max |w| would not give
 the start back: a scale search or GPTQ's error feedback leaves many groups without a
-magnitude-127 code, so their scale would shrink and their codes move. With the scales frozen, every stored code comes back, which
-is measured and reported, not assumed. The scales stay fixed while the weights train (the
+magnitude-127 code, so their scale would shrink and their codes move. With the scales frozen,
+every stored code comes back, which is measured and reported, not assumed. The scales stay fixed while the weights train (the
 paper's scales follow max |w|; here the start's search is kept). The teacher for distillation
 stays the original float model, never the checkpoint.
 """
