@@ -63,6 +63,17 @@ def default_format() -> str:
     return DEFAULT_SEFP
 
 
+def run_dir(cache: Path, name: str) -> Path:
+    """A run's checkpoint folder ("lr/4" is a run name, not a subfolder)."""
+    return cache / name.replace("/", "-")
+
+
+def portable(path: str) -> str:
+    """A path as written into results: under the home folder as ~/..., never a machine path."""
+    home = str(Path.home())
+    return "~" + path[len(home):] if path.startswith(home + "/") else path
+
+
 def make_start(args, cache: Path, method: str) -> Path:
     """A post-training checkpoint a run starts from with --init (made once, then reused):
     `gptq` = multi-bit GPTQ with λ = GPTQ_TARGETS, `rtn` = round to nearest."""
@@ -93,7 +104,7 @@ def train_all(args, cache: Path, starts: dict[str, Path]) -> dict:
         kw = dict(kw)
         if kw.get("init"):
             kw["init"] = str(starts[kw["init"]])
-        out = cache / name.replace("/", "-")
+        out = run_dir(cache, name)
         base = dict(distill=args.distill, lr=args.lr * kw.pop("lr_scale", 1.0))
         base.update(kw)
         cfg = FinetuneConfig(
@@ -114,6 +125,9 @@ def train_all(args, cache: Path, starts: dict[str, Path]) -> dict:
         finetune(cfg, show_progress=False)
         print(f"[{name}] {time.perf_counter() - t:.0f} s", flush=True)
         done[name] = json.loads(manifest.read_text())["finetune"]
+    for st in done.values():
+        if st.get("init"):
+            st["init"]["checkpoint"] = portable(st["init"]["checkpoint"])
     return done
 
 
@@ -126,7 +140,7 @@ def evaluate_all(args, cache: Path, starts: dict[str, Path]) -> tuple[list[dict]
     for r in base["rows"]:
         r["method"] = "fp32" if r["label"] == "fp32" else "rtn"
         rows.append(r)
-    for name, path in [("gptq", starts["gptq"]), *((n, cache / n.replace("/", "-")) for n in RUNS)]:
+    for name, path in [("gptq", starts["gptq"]), *((n, run_dir(cache, n)) for n in RUNS)]:
         res = run_eval(EvalConfig(str(path), **common), show_progress=False)
         for r in res["rows"]:
             r["method"] = name
