@@ -75,12 +75,13 @@ bench: assets ## re-run the RTN benchmark and rewrite its section of benchmarks/
 bench-quality: assets ## the quality benchmark: KLD of the one model vs per-bit int models (~45 min)
 	$(PY) benchmarks/quality.py
 
-# About 75 minutes on 2 CPU cores: 8 fine-tuning runs (OTARo, 3 ablations, a 4-bit-width zoo).
 bench-format-mse: assets ## weight error of every format and a candidate one, RTN (~1 min; screens formats)
 	$(PY) benchmarks/format_mse.py
 
-bench-finetune: assets ## the once-for-all fine-tuning benchmark (~75 min on 2 cores)
-	$(PY) benchmarks/finetune_bench.py
+# About 60 minutes on 2 CPU cores: 10 fine-tuning runs (the paper's recipe, ablations, two --init starts).
+# FINETUNE_ARGS=--reuse evaluates the checkpoints an earlier run left with the same settings.
+bench-finetune: assets ## the fine-tuning recipe study: KLD per b for 10 runs (~60 min on 2 cores)
+	$(PY) benchmarks/finetune_bench.py $(FINETUNE_ARGS)
 
 bench-export: assets ## the ONNX export and runtime benchmarks (time, bytes, parity, decode speed, switches)
 	$(PY) benchmarks/export_bench.py

@@ -54,7 +54,7 @@ GOAL_BITS, GOAL_RATIO = 3, 0.7
 def plan(args) -> list[quality.Row]:
     rows = []
     for m in args.methods:
-        for b in INT_BITS:
+        for b in args.int_bits:
             rows.append(quality.Row(f"int-g128-asym {LABELS[m]}", m, f"int{b}-g128-asym", False, (b,)))
         targets = args.targets if m not in ("rtn",) else ""
         rows.append(quality.Row(f"{SEFP} {LABELS[m]}", m, SEFP, True, SEFP_BITS, targets=targets))
@@ -79,7 +79,8 @@ class Cache(quality.Cache):
 def method_options(method: str, args) -> dict:
     """The QuantizeConfig fields a row's method takes from the flags."""
     if method in ("sb", "la", "mb"):
-        return {"recon_iters": args.iters, **({"recon_blocks": 2} if method != "sb" else {})}
+        return {"recon_iters": args.iters, "recon_batch": args.recon_batch,
+                **({"recon_blocks": 2} if method != "sb" else {})}
     if method == "lsi":
         return {"lsi_epochs": args.lsi_epochs, "lsi_k": args.lsi_k}
     return {}
@@ -138,7 +139,8 @@ def run(args) -> dict:
     calib = calibration_windows(src.tokenizer, list(calib_specs), args.calib_samples, args.calib_len, seed=0,
                                 max_positions=max_pos)
     key = hashlib.sha256(json.dumps([model_name, args.seq_len, args.max_windows, args.calib_samples, args.calib_len,
-                                     args.iters, args.lsi_epochs, args.lsi_k, args.targets]).encode()).hexdigest()[:12]
+                                     args.iters, args.lsi_epochs, args.lsi_k, args.targets]
+                                    + ([args.recon_batch] if args.recon_batch != 8 else [])).encode()).hexdigest()[:12]
     cache = Cache(key, enabled=not args.dry_run)
     rows_out, timings = [], {}
     print(f"reference log-probs: {sum(len(w.tokens) for w in windows)} windows of {args.seq_len} tokens", flush=True)
@@ -171,7 +173,7 @@ def run(args) -> dict:
         "windows": {w.name: {"count": len(w.tokens), "seq_len": args.seq_len, "text_tokens": w.total_tokens}
                     for w in windows},
         "calibration": {"texts": list(calib_specs), "samples": args.calib_samples, "seq_len": args.calib_len},
-        "settings": {"iters": args.iters, "lsi_epochs": args.lsi_epochs, "lsi_k": args.lsi_k,
+        "settings": {"iters": args.iters, "recon_batch": args.recon_batch, "lsi_epochs": args.lsi_epochs, "lsi_k": args.lsi_k,
                      "targets": args.targets, "methods": list(args.methods)},
         "quantize_seconds": timings,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -220,7 +222,7 @@ def markdown(result) -> str:
         "Windows: " + ", ".join(f"{v['count']} × {v['seq_len']} tokens of {k}" for k, v in result["windows"].items())
         + f". Calibration: {result['calibration']['samples']} × {result['calibration']['seq_len']} tokens of "
         + ", ".join(result["calibration"]["texts"]) + f". SignRound: {s['iters']} steps per window (lr 1/steps, "
-        f"batch 8); LSI: {s['lsi_epochs']} epochs, k = {s['lsi_k']}; {SEFP} targets `{s['targets']}` "
+        f"batch {s.get('recon_batch', 8)}); LSI: {s['lsi_epochs']} epochs, k = {s['lsi_k']}; {SEFP} targets `{s['targets']}` "
         "(noise-normalised λ). KLD: mean per-token KL(P_fp32 ‖ P_quant) in nats; top-1: argmax agreement.",
         "",
         "### Goals",
@@ -279,6 +281,9 @@ def plot(result, path: Path) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=200, help="SignRound steps per window for sb/la/mb (default 200)")
+    ap.add_argument("--recon-batch", type=int, default=8, help="SignRound calibration windows per step (default 8)")
+    ap.add_argument("--int-bits", default=",".join(map(str, INT_BITS)),
+                    help="bit-widths of the per-bit int-g128-asym rows (default 2,3,4; the goal reads b=3)")
     ap.add_argument("--lsi-epochs", type=int, default=2, help="LSI passes over the calibration windows (default 2)")
     ap.add_argument("--lsi-k", type=int, default=0, help="LSI k×k increment size (default 0)")
     ap.add_argument("--targets", default="2:1,3:1,4:1", help=f"{SEFP} target bit-widths with λ (default 2:1,3:1,4:1)")
@@ -293,6 +298,12 @@ def main() -> int:
                     help="every row on a tiny random model and a paragraph of text, 2 steps; writes nothing")
     args = ap.parse_args()
     args.methods = tuple(m for m in args.methods.split(",") if m)
+    try:
+        args.int_bits = tuple(int(b) for b in args.int_bits.split(",") if b)
+    except ValueError:
+        ap.error(f"--int-bits: a comma list of integers, got {args.int_bits!r}")
+    if any(not 2 <= b <= 8 for b in args.int_bits):
+        ap.error(f"--int-bits: bit-widths between 2 and 8, got {args.int_bits}")
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")

@@ -388,7 +388,8 @@ def inspect(path, as_json):
 @click.option("--ucb-c", default=1.0, show_default=True, help="BPS: UCB exploration weight.")
 @click.option("--epsilon", default=0.1, show_default=True, help="BPS: exploration probability with --explore epsilon.")
 @click.option("--score", default="gap", show_default=True, type=click.Choice(["gap", "loss"]), help="BPS score: loss gap to the top precision, or the loss.")
-@click.option("--laa/--no-laa", default=True, show_default=True, help="Low-precision asynchronous accumulation.")
+@click.option("--laa/--no-laa", default=False, show_default=True,
+              help="Low-precision asynchronous accumulation (the paper's LAA; off by default: it raised b3/b4 KLD here).")
 @click.option("--laa-threshold", default=4, show_default=True, help="LAA: bit-widths <= this accumulate.")
 @click.option("--laa-k", default=4, show_default=True,
               help="LAA: low-bit gradients averaged into each low-bit update (a running mean; every step updates).")
@@ -400,7 +401,8 @@ def inspect(path, as_json):
 @click.option("--warmup-steps", default=10, show_default=True)
 @click.option("--grad-clip", default=1.0, show_default=True)
 @click.option("--weight-decay", default=0.0, show_default=True)
-@click.option("--distill", default=0.0, show_default=True, help="Weight of a KL term to the full-precision model's logits.")
+@click.option("--distill", default=1.0, show_default=True,
+              help="Weight of a KL term to the full-precision model's logits (0 = no teacher, less memory).")
 @click.option("--mixed-precision", default="no", show_default=True, type=click.Choice(["no", "bf16", "fp16"]))
 @click.option("--gradient-checkpointing", is_flag=True)
 @click.option("--heldout-fraction", default=0.05, show_default=True)

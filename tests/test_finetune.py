@@ -70,7 +70,8 @@ def test_laa_makes_one_optimizer_update_per_step_over_32_steps(tmp_path, corpus)
     calls = []
     handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: calls.append(1))
     try:
-        out = finetune(cfg(corpus, tmp_path / "ck", steps=32, eval_every=32, save_every=32), show_progress=False)
+        out = finetune(cfg(corpus, tmp_path / "ck", steps=32, eval_every=32, save_every=32, laa=True),
+                       show_progress=False)
     finally:
         handle.remove()
     m = json.loads((out / "otaro.json").read_text())["finetune"]
@@ -91,7 +92,7 @@ def test_no_laa_updates_every_step(tmp_path, corpus):
 def test_resume_after_an_interruption_matches_a_straight_run(tmp_path, corpus):
     # round-robin over (2,3,8) with k=4: the save at step 8 has a non-empty LAA window (the
     # running mean in p.grad), which the resumed run must continue exactly
-    kw = dict(path="round-robin", bits=(2, 3, 8), steps=16, save_every=4, laa_k=4)
+    kw = dict(path="round-robin", bits=(2, 3, 8), steps=16, save_every=4, laa=True, laa_k=4)
     straight = finetune(cfg(corpus, tmp_path / "a", **kw), show_progress=False)
     interrupted = cfg(corpus, tmp_path / "b", **kw)
     assert finetune(interrupted, show_progress=False, stop_after=10) is None
