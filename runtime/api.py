@@ -148,6 +148,7 @@ class Runtime:
         self._active: Precision | None = None
         self._active_entry: Entry | None = None
         self._last_switch: SwitchReport | None = None
+        self._profiled: set[int] = set()  # sessions whose profile end_profiling already closed
 
     # -- loading --------------------------------------------------------------------------
 
@@ -155,7 +156,7 @@ class Runtime:
     def load(cls, artifact: str | os.PathLike, device: str = "cpu", threads: int | None = None,
              accuracy_level: int | None = None, bits: PrecisionSpec | None = None,
              cache_bytes: int = DEFAULT_CACHE_BYTES, verify: bool = True,
-             warm: Sequence[PrecisionSpec] = (), spin: bool = True) -> "Runtime":
+             warm: Sequence[PrecisionSpec] = (), spin: bool = True, profile: str | os.PathLike | None = None) -> "Runtime":
         """Read the artifact once and build the session of ``bits`` (default: the artifact's).
 
         ``accuracy_level`` of every MatMulNBits (default: the artifact's; 4 = int8 activations,
@@ -163,7 +164,10 @@ class Runtime:
         ``verify``: check every file's sha256 (sizes are always checked). ``warm``: precisions
         built now, at load, so that switching to them later costs a cache lookup (they count
         against ``cache_bytes``; all are checked before any is built). ``spin=False``: onnxruntime's
-        threads wait passively instead of spinning (better on a machine shared with other work)."""
+        threads wait passively instead of spinning (better on a machine shared with other work).
+        ``profile``: a path prefix; every session built writes onnxruntime's profile (model runs
+        and each node's kernel time) when :meth:`end_profiling` is called
+        (:func:`otaro.runtime.optrace.op_breakdown` sums it by op type)."""
         import onnxruntime as ort
 
         root = Path(artifact)
@@ -176,7 +180,11 @@ class Runtime:
             raise OtaroError(f"threads must be an integer >= 1, got {threads!r}")
         backend = select_backend(device, ort.get_available_providers(),
                                  m["accuracy_level"] if accuracy_level is None else accuracy_level)
-        backend = dataclasses.replace(backend, spin=bool(spin))
+        if profile is not None:
+            profile = Path(profile)
+            if not profile.parent.is_dir():
+                raise OtaroError(f"profile prefix {profile}: folder {profile.parent} does not exist")
+        backend = dataclasses.replace(backend, spin=bool(spin), profile=None if profile is None else str(profile))
         for files in (m["model"]["files"], m["files"]):
             (verify_files if verify else _check_sizes)(root, files)
         # Tokenizer files are artifact files: only those the manifest lists (and so checked
@@ -237,6 +245,19 @@ class Runtime:
                              f"{self.backend.backend}: {e}") from None
         t2 = time.perf_counter()
         return Entry(bits, Decoder(session), built.packed_bytes, borrowed), t1 - t0, t2 - t1
+
+    def end_profiling(self) -> list[Path]:
+        """Close the profile of every cached session (``Runtime.load(..., profile=)``) and return
+        the trace files, oldest first. A session keeps running after this, unprofiled; one the
+        cache evicted earlier took its profile with it."""
+        if not self.backend.profile:
+            raise OtaroError("this runtime was loaded without profile=: there is nothing to end")
+        entries = [e for e in self._cache.entries() if id(e.decoder.session) not in self._profiled]
+        files = []
+        for e in entries:
+            self._profiled.add(id(e.decoder.session))
+            files.append(Path(e.decoder.session.end_profiling()))
+        return sorted(files)
 
     def resolve(self, spec: PrecisionSpec) -> Precision:
         """Per-layer bits of ``spec`` (a mapping applies on top of the active precision)."""

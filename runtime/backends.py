@@ -55,6 +55,10 @@ class BackendChoice:
     # but on a loaded one (or beside another engine) they burn the cores others need. False
     # sets session.intra_op.allow_spinning = 0 (what OMP_WAIT_POLICY=PASSIVE is to llama.cpp).
     spin: bool = True
+    # A path prefix: every session this choice creates writes onnxruntime's profile (a
+    # chrome-trace JSON of model runs and per-node kernel times) to PREFIX_<timestamp>.json
+    # when it ends (Runtime.end_profiling); None: no profiling, onnxruntime's default.
+    profile: str | None = None
 
     def container_for(self, code_bits: int) -> int | None:
         """Smallest container holding a signed ``code_bits``-bit code, or None (run dequantized)."""
@@ -93,6 +97,9 @@ def session_options(choice: BackendChoice, threads: int | None = None):
         so.inter_op_num_threads = 1
     if not choice.spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if choice.profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(choice.profile)
     return so
 
 

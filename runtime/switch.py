@@ -380,6 +380,10 @@ class SessionCache:
         with self._lock:
             return list(self._entries)
 
+    def entries(self) -> list[Entry]:
+        with self._lock:
+            return list(self._entries.values())
+
     def get(self, precision: Precision, pin: bool = False) -> tuple[Entry, SwitchReport]:
         t0 = time.perf_counter()
         with self._lock:
