@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 XDIST ?= -n auto --dist loadfile
 
 .PHONY: help venv shell test test-all demo bench bench-quality bench-finetune bench-export bench-int bench-head bench-format-mse \
-	llama-cpp bench-engines assets clean
+	bench-recon bench-decode-ops llama-cpp bench-engines assets clean
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 24
@@ -96,6 +96,14 @@ bench-int: assets ## integer PTQ vs onnxruntime's quantizers + the two-task LoRA
 
 bench-head: assets ## quantized LM head/embedding vs a float head: KLD, decode speed, bytes, RSS (~20 min)
 	$(PY) benchmarks/head_bench.py
+
+# CPU-sized: SignRound 50 steps x batch 4, 16 x 256 calibration tokens, int rows at b = 3 only
+# (`python benchmarks/recon_bench.py --help` for the full run, hours on 2 cores); cached, resumes.
+bench-recon: assets ## block reconstruction (SB/LA-2/MB-2), LSI vs RTN/GPTQ at 2-4 bits (~2 h on 2 cores)
+	$(PY) benchmarks/recon_bench.py --iters 50 --recon-batch 4 --calib-samples 16 --calib-len 256 --int-bits 3 --targets 3:1,4:1
+
+bench-decode-ops: assets ## where a decode step goes, by onnxruntime op type (b = 2, 4, 8; ~2 min + the head artifact)
+	$(PY) benchmarks/decode_ops.py
 
 # llama.cpp from the llama-cpp-python sdist (PyPI), built into ~/.cache/otaro/llama.cpp: ~15 min.
 llama-cpp: venv ## build llama.cpp's llama-bench and llama-quantize offline (the benchmark peer)
