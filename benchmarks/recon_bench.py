@@ -6,7 +6,8 @@ Austen, the reference log-probs computed once per text. Calibration: Brown a-j (
 
 Rows: per-bit integer models int{2,3,4}-g128-asym (the int4-g128-asym family) and one
 ssfp-g64-nearest model per method (every b from one stored code, the reconstruction targets
-``--targets``), each by rtn, gptq, sb, la (n = 2), mb (n = 2) and lsi. Quantization time is
+``--targets``), each by rtn, gptq, sb, la (n = 2), mb (n = 2), lsi and qslaw (group scale factors
+trained on the LM loss of the calibration text). Quantization time is
 recorded per row. Every (row) result is cached under ~/.cache/otaro/bench/recon, so a rerun
 resumes where it stopped.
 
@@ -45,9 +46,12 @@ CALIB = quality.CALIB
 INT_BITS = (2, 3, 4)
 SEFP = "ssfp-g64-nearest"
 SEFP_BITS = (2, 3, 4, 8)  # 8: what the low-bit targets cost the top precision
-METHODS = ("rtn", "gptq", "sb", "la", "mb", "lsi")
-RECON = ("sb", "la", "mb", "lsi")
-LABELS = {"rtn": "RTN", "gptq": "GPTQ", "sb": "SB", "la": "LA-2", "mb": "MB-2", "lsi": "LSI"}
+METHODS = ("rtn", "gptq", "sb", "la", "mb", "lsi", "qslaw")
+RECON = ("sb", "la", "mb", "lsi", "qslaw")
+LABELS = {"rtn": "RTN", "gptq": "GPTQ", "sb": "SB", "la": "LA-2", "mb": "MB-2", "lsi": "LSI", "qslaw": "QSLAW"}
+# QSLAW's CPU-sized defaults; the cache key names them only when changed (rows measured before
+# QSLAW joined the benchmark keep their key)
+QSLAW_DEFAULTS = {"qslaw_steps": 30, "qslaw_batch": 2}
 GOAL_BITS, GOAL_RATIO = 3, 0.7
 
 
@@ -76,13 +80,18 @@ class Cache(quality.Cache):
             self.data[repr(row)] = value
 
 
-def method_options(method: str, args) -> dict:
+def method_options(method: str, args, calib_specs=()) -> dict:
     """The QuantizeConfig fields a row's method takes from the flags."""
     if method in ("sb", "la", "mb"):
         return {"recon_iters": args.iters, "recon_batch": args.recon_batch,
                 **({"recon_blocks": 2} if method != "sb" else {})}
     if method == "lsi":
         return {"lsi_epochs": args.lsi_epochs, "lsi_k": args.lsi_k}
+    if method == "qslaw":
+        # the scale factors trained on the LM loss of the calibration text only (η = steps): the
+        # only other text here is an evaluation text, which must not be trained on
+        return {"qslaw_data": tuple(calib_specs), "qslaw_steps": args.qslaw_steps, "qslaw_warmup": args.qslaw_steps,
+                "qslaw_batch_size": args.qslaw_batch, "qslaw_seq_len": args.calib_len}
     return {}
 
 
@@ -98,10 +107,12 @@ def quantize(row, src, calib, args, model_name: str, calib_specs):
     cfg = QuantizeConfig(model=model_name, output=str(Path(tempfile.gettempdir()) / "otaro-recon-unused"),
                          method=row.method, format=row.fmt, calib=calib_specs if method.needs_calibration else (),
                          calib_samples=args.calib_samples, calib_len=args.calib_len, bits=row.targets or (),
-                         **method_options(row.method, args))
+                         **method_options(row.method, args, calib_specs))
+    data = calib if method.needs_calibration else None
+    if method.read_data is not None:  # qslaw reads its own task rows
+        data = method.read_data(src, cfg)
     with torch.no_grad():  # the reconstruction methods turn gradients on for their own steps
-        return method.run(copy.deepcopy(src.model), get_format(row.fmt), cfg,
-                          calib if method.needs_calibration else None, None)
+        return method.run(copy.deepcopy(src.model), get_format(row.fmt), cfg, data, None)
 
 
 def _dry_inputs(tmp: Path):
@@ -140,7 +151,9 @@ def run(args) -> dict:
                                 max_positions=max_pos)
     key = hashlib.sha256(json.dumps([model_name, args.seq_len, args.max_windows, args.calib_samples, args.calib_len,
                                      args.iters, args.lsi_epochs, args.lsi_k, args.targets]
-                                    + ([args.recon_batch] if args.recon_batch != 8 else [])).encode()).hexdigest()[:12]
+                                    + ([args.recon_batch] if args.recon_batch != 8 else [])
+                                    + [[k, getattr(args, k)] for k, d in QSLAW_DEFAULTS.items()
+                                       if getattr(args, k) != d]).encode()).hexdigest()[:12]
     cache = Cache(key, enabled=not args.dry_run)
     rows_out, timings = [], {}
     print(f"reference log-probs: {sum(len(w.tokens) for w in windows)} windows of {args.seq_len} tokens", flush=True)
@@ -173,7 +186,8 @@ def run(args) -> dict:
         "windows": {w.name: {"count": len(w.tokens), "seq_len": args.seq_len, "text_tokens": w.total_tokens}
                     for w in windows},
         "calibration": {"texts": list(calib_specs), "samples": args.calib_samples, "seq_len": args.calib_len},
-        "settings": {"iters": args.iters, "recon_batch": args.recon_batch, "lsi_epochs": args.lsi_epochs, "lsi_k": args.lsi_k,
+        "settings": {"iters": args.iters, "recon_batch": args.recon_batch, "qslaw_steps": args.qslaw_steps,
+                     "qslaw_batch": args.qslaw_batch, "lsi_epochs": args.lsi_epochs, "lsi_k": args.lsi_k,
                      "targets": args.targets, "methods": list(args.methods)},
         "quantize_seconds": timings,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -222,7 +236,9 @@ def markdown(result) -> str:
         "Windows: " + ", ".join(f"{v['count']} × {v['seq_len']} tokens of {k}" for k, v in result["windows"].items())
         + f". Calibration: {result['calibration']['samples']} × {result['calibration']['seq_len']} tokens of "
         + ", ".join(result["calibration"]["texts"]) + f". SignRound: {s['iters']} steps per window (lr 1/steps, "
-        f"batch {s.get('recon_batch', 8)}); LSI: {s['lsi_epochs']} epochs, k = {s['lsi_k']}; {SEFP} targets `{s['targets']}` "
+        f"batch {s.get('recon_batch', 8)}); LSI: {s['lsi_epochs']} epochs, k = {s['lsi_k']}; "
+        f"QSLAW: {s.get('qslaw_steps', '–')} steps × {s.get('qslaw_batch', '–')} rows of the calibration text (task data "
+        f"only: η = steps, the other text here is an evaluation text); {SEFP} targets `{s['targets']}` "
         "(noise-normalised λ). KLD: mean per-token KL(P_fp32 ‖ P_quant) in nats; top-1: argmax agreement.",
         "",
         "### Goals",
@@ -284,6 +300,10 @@ def main() -> int:
     ap.add_argument("--recon-batch", type=int, default=8, help="SignRound calibration windows per step (default 8)")
     ap.add_argument("--int-bits", default=",".join(map(str, INT_BITS)),
                     help="bit-widths of the per-bit int-g128-asym rows (default 2,3,4; the goal reads b=3)")
+    ap.add_argument("--qslaw-steps", type=int, default=QSLAW_DEFAULTS["qslaw_steps"],
+                    help=f"QSLAW optimizer steps (default {QSLAW_DEFAULTS['qslaw_steps']}; task data only)")
+    ap.add_argument("--qslaw-batch", type=int, default=QSLAW_DEFAULTS["qslaw_batch"],
+                    help=f"QSLAW rows per step (default {QSLAW_DEFAULTS['qslaw_batch']})")
     ap.add_argument("--lsi-epochs", type=int, default=2, help="LSI passes over the calibration windows (default 2)")
     ap.add_argument("--lsi-k", type=int, default=0, help="LSI k×k increment size (default 0)")
     ap.add_argument("--targets", default="2:1,3:1,4:1", help=f"{SEFP} target bit-widths with λ (default 2:1,3:1,4:1)")
@@ -310,6 +330,7 @@ def main() -> int:
     if args.dry_run:  # seconds, not hours: the shapes of a run, none of its numbers
         args.iters, args.lsi_epochs, args.max_windows, args.seq_len = 2, 1, 2, 32
         args.calib_samples, args.calib_len, args.batch_size = 2, 32, 2
+        args.qslaw_steps, args.qslaw_batch = 2, 2
 
     from otaro.errors import OtaroError
     from results_md import publish

@@ -307,6 +307,20 @@ def test_pow2_sefp_moves_group_exponents_by_whole_steps(rows):
         assert mean_loss(_at(model, b), rows) < mean_loss(_at(rtn, b), rows) - 0.3, b
 
 
+def test_qslaw_trains_under_a_callers_no_grad(rows):
+    """Benchmarks call method.run inside torch.no_grad(); the steps turn autograd on themselves
+    and give the same model as a run without it."""
+    settings = QSLAWSettings(steps=4, warmup=4, lr=1e-2, batch_size=4, seq_len=SEQ)
+    plain, quiet = _model(), _model()
+    qslaw(plain, "int3-g32-asym", settings, rows)
+    with torch.no_grad():
+        qslaw(quiet, "int3-g32-asym", settings, rows)
+    a, b = plain.state_dict(), quiet.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rtn = convert(_model(), "int3-g32-asym").state_dict()
+    assert any(not torch.equal(a[k], rtn[k]) for k in a if k.endswith(".scales"))  # it did train
+
+
 def test_quantize_config_checks_qslaw_options(tmp_path, text_file):
     base = dict(model="tiny-llama", output=str(tmp_path / "q"), method="qslaw", format="int4-g32-asym")
     with pytest.raises(OtaroError, match="needs task data"):

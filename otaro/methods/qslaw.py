@@ -274,7 +274,8 @@ def qslaw(model, fmt, settings: QSLAWSettings, task, generic=None, progress=None
     bits_drawn: dict = {}
     ok = False
     try:
-        with _bar(progress, settings.steps) as bar:
+        # callers may hold no_grad (as benchmarks do around method.run): the steps need autograd
+        with _bar(progress, settings.steps) as bar, torch.enable_grad():
             for step, ((n_task, n_generic), bits_step) in enumerate(zip(plan, bit_plan)):
                 batches = [b for b in (task.take(n_task) if n_task else None,
                                        generic.take(n_generic) if n_generic else None) if b is not None]
