@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from otaro.errors import FormatError, OtaroError
 from otaro.formats import DEFAULT_SEFP, get_format, parse_bit_weights
 from otaro.io import refuse_output_over_inputs
+
+log = logging.getLogger(__name__)
 
 QUANTIZE_CONFIG_VERSION = 2  # 2: calibration and GPTQ fields
 # --save-format -> the module whose save(model, path, tokenizer=, overwrite=, extra=) writes it
@@ -184,6 +187,22 @@ def resolve_head_bits(head_bits, fmt) -> int | None:
     return head_bits
 
 
+def warn_untargeted_top(config: QuantizeConfig, fmt, method) -> bool:
+    """A multi-bit SEFP run whose targets leave out the top precision tunes the one stored code
+    for the low ones only: measured on SmolLM2 (benchmarks/recon_bench.py, gptq with --bits
+    3:1,4:1), b = 8 then lost most of its fidelity (KLD to fp32 0.71 against RTN's 0.002). Say
+    so before the work; it is a valid choice (a model read only at 3-4 bits)."""
+    if fmt.family != "sefp" or not method.target_bits or not config.bits:
+        return False
+    top, targets = max(fmt.bits), sorted(b for b, _ in config.bits)
+    if top in targets:
+        return False
+    log.warning("--bits %s leaves out b = %d: the stored %d-bit code is tuned for %s only and b = %d can be far "
+                "worse than RTN; add %d:1 (e.g. --bits %s,%d:1) to keep it", ",".join(map(str, targets)), top,
+                top, "/".join(map(str, targets)), top, top, ",".join(f"{b}:{w:g}" for b, w in config.bits), top)
+    return True
+
+
 def quantize(config: QuantizeConfig, progress=None) -> Path:
     """Run the method and save the checkpoint; returns the output folder."""
     from otaro.methods import get_method
@@ -197,6 +216,7 @@ def quantize(config: QuantizeConfig, progress=None) -> Path:
     fmt = get_format(config.format)
     method = get_method(config.method)
     saver = importlib.import_module(SAVE_FORMATS[config.save_format])
+    warn_untargeted_top(config, fmt, method)
     if hasattr(saver, "check_model"):  # e.g. the HF layouts' shape rules, before any calibration
         saver.check_model(src.model, fmt, method.name)
     calibration = None

@@ -201,3 +201,23 @@ def test_quantize_gptq_on_sefp_end_to_end(tmp_path, hf_model):
     # KL to the float model on the calibration text at the most weighted target (b = 3):
     # measured 0.34 against RTN's 0.38 (ratio 0.89) on this random tiny model
     assert kld["gptq"] < 0.95 * kld["rtn"], kld
+
+
+def test_targets_without_the_top_precision_warn_before_the_work(caplog, tmp_path):
+    from otaro.methods import get_method
+    from otaro.quantize import QuantizeConfig, warn_untargeted_top
+
+    def cfg(fmt, bits, method="gptq"):
+        return QuantizeConfig(model="tiny-llama", output=str(tmp_path / "o"), method=method, format=fmt, bits=bits,
+                              calib=("corpus:brown-train",) if method == "gptq" else ())
+
+    fmt = get_format("ssfp-g16-nearest")
+    with caplog.at_level("WARNING", logger="otaro.quantize"):
+        assert warn_untargeted_top(cfg("ssfp-g16-nearest", "3:1,4:1"), fmt, get_method("gptq"))
+    assert "leaves out b = 8" in caplog.text and "--bits 3:1,4:1,8:1" in caplog.text
+    caplog.clear()
+    for c, f, m in ((cfg("ssfp-g16-nearest", "3:1,4:1,8:1"), fmt, "gptq"),  # the top is a target
+                    (cfg("ssfp-g16-nearest", ""), fmt, "gptq"),  # default: every b
+                    (cfg("int4-g32-asym", "", "rtn"), get_format("int4-g32-asym"), "rtn")):  # no targets at all
+        assert not warn_untargeted_top(c, f, get_method(m))
+    assert caplog.text == ""
