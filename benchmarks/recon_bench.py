@@ -221,6 +221,34 @@ def goals(result) -> list[tuple[bool | None, str]]:
     return out
 
 
+# The seed papers' qualitative claims, as (method, baseline, text): checked at every b <= 3 each
+# family measured, by mean KLD over the texts (lower wins).
+CLAIMS = (
+    ("la", "sb", "seed 001: looking ahead (LA-2) beats single-block reconstruction (SB)"),
+    ("mb", "sb", "seed 001: reconstructing two blocks jointly (MB-2) beats SB"),
+    ("lsi", "rtn", "seed 004: singular-value increments (LSI) beat plain RTN"),
+    ("qslaw", "rtn", "seed 003: learned group scales (QSLAW) beat RTN"),
+    ("sb", "gptq", "SignRound-style reconstruction (SB) beats GPTQ"),
+)
+
+
+def claims(result) -> list[tuple[bool | None, str]]:
+    """Each claim per (family, b <= 3) with both rows measured: ✓ when the method's KLD is lower."""
+    rows = [r for r in result["rows"] if r["bits"] is not None and r["bits"] <= GOAL_BITS]
+    out = []
+    for method, base, text in CLAIMS:
+        for family in dict.fromkeys(_family(r) for r in rows):
+            sel = [r for r in rows if _family(r) == family]
+            for b in sorted({r["bits"] for r in sel}):
+                m, ref = (quality.mean_over_texts(sel, method=x, bits=b) for x in (method, base))
+                if m is None or ref is None:
+                    continue
+                out.append((m["kld"] < ref["kld"], f"{text} — {family} b={b}: {LABELS[method]} {m['kld']:.3f} vs "
+                                                   f"{LABELS[base]} {ref['kld']:.3f}"
+                                                   + (f" ({m['kld'] / ref['kld']:.2f}×)" if ref["kld"] > 0 else "")))
+    return out
+
+
 def markdown(result) -> str:
     rows = result["rows"]
     m = result["machine"]
@@ -246,6 +274,8 @@ def markdown(result) -> str:
     ]
     for ok, text in goals(result):
         out.append(f"- {'✓' if ok else ('✗' if ok is False else '–')} {text}")
+    out += ["", "### The seed papers' claims, checked here (mean KLD over the texts, b ≤ 3)", ""]
+    out += [f"- {'✓' if ok else '✗'} {text}" for ok, text in claims(result)] or ["- (no pair measured)"]
     out.append("")
     labels = list(dict.fromkeys(r["label"] for r in rows if r["bits"] is not None))
     for t in texts:
