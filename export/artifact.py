@@ -24,7 +24,8 @@ import onnx
 
 from otaro import __version__
 from otaro.errors import OtaroError
-from otaro.export import rewrite, trace, validate
+from otaro.export import fused, genai_builder, rewrite, trace, validate
+from otaro.runtime.decoder import PADDING_KEY
 from otaro.export.genai import genai_config
 from otaro.export.tokenizer_files import fix_tokenizer_folder
 from otaro.formats import IntFormat, SEFPFormat
@@ -39,6 +40,10 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 COPIED_FILES = ("config.json", "generation_config.json")
 TRACE_DIR = ".trace"  # inside the partial output folder; removed before the manifest is written
 EMBEDDING = "<embedding>"  # key of the quantized embedding's Gather among the located nodes
+# "fused": onnxruntime-genai's model builder (GroupQueryAttention, ~11 nodes per block; llama
+# family, export/fused.py); "traced": optimum's trace (every architecture we support); "auto":
+# fused where it applies and the builder is installed, else traced.
+GRAPHS = ("auto", "fused", "traced")
 _SEFP_SPEC = re.compile(r"^sefp:(\d(?:,\d)*)$")
 
 
@@ -61,6 +66,7 @@ class ExportConfig:
     validate_tokens: int = 8
     overwrite: bool = False
     threads: int | None = None
+    graph: str = "auto"  # GRAPHS: the decoder graph the quantized linears are written into
 
     def __post_init__(self):
         from otaro.io import refuse_output_over_inputs
@@ -171,12 +177,15 @@ def _copy_side_files(trace_dir: Path, dest: Path, tokenizer, hf_config: dict, gr
     return sorted(set(names))
 
 
-def _decoder_metadata(config) -> dict[str, str]:
+def _decoder_metadata(config, graph: str = "traced") -> dict[str, str]:
     """What a KV-cache loop must know beyond the graph's I/O (otaro.runtime.decoder reads it)."""
     from otaro.arch.rope import RESET_KEY, cache_reset_length
 
     reset = cache_reset_length(config)
-    return {} if reset is None else {RESET_KEY: str(reset)}
+    meta = {} if reset is None else {RESET_KEY: str(reset)}
+    if graph == "fused":
+        meta[PADDING_KEY] = "right"  # GroupQueryAttention reads lengths from the mask (export/fused.py)
+    return meta
 
 
 def _tool_versions() -> dict[str, str]:
@@ -230,12 +239,15 @@ class _Exporter:
             raise OtaroError(f"accuracy level {cfg.accuracy_level} is not one of {list(ACCURACY_LEVELS)}")
         if cfg.output.exists() and not cfg.overwrite:
             raise OtaroError(f"output folder {cfg.output} already exists (pass --overwrite to replace it)")
+        if cfg.graph not in GRAPHS:
+            raise OtaroError(f"unknown graph {cfg.graph!r}: choose one of {list(GRAPHS)}")
         check_writable_output(cfg.output)
         self.specs = parse_variants(cfg.variants)
         for v in self.specs:  # names tell the truth: refused before any checkpoint is loaded
             if v.kind == "int" and v.name:
                 check_variant_claim(v)
         self.model, self.manifest, self.tokenizer = _load_checkpoint(cfg.checkpoint, "checkpoint")
+        self.graph = self._choose_graph(self.manifest["model_type"])
         self.fmt = self.model.otaro.fmt
         if not isinstance(self.fmt, SEFPFormat):
             raise OtaroError(f"{cfg.checkpoint} holds {self.fmt.name} weights; the exported model must be SEFP "
@@ -270,10 +282,21 @@ class _Exporter:
         if dup:
             raise OtaroError(f"variant {dup[0]!r} is requested twice (name distinct sources with NAME=PATH)")
 
+    def _choose_graph(self, model_type: str) -> str:
+        if self.cfg.graph == "fused":
+            fused.check_supported(model_type)  # refused before any tracing
+            return "fused"
+        if self.cfg.graph == "auto" and fused.supported(model_type) and genai_builder.available() is None:
+            return "fused"
+        return "traced"
+
     # -- steps 2-3 ----------------------------------------------------------------------
-    def trace(self, model, where: Path):
+    def trace(self, model, where: Path, tokenizer=None):
         fmodel = trace.float_copy(model)
-        path = trace.trace_decoder(fmodel, where)
+        if self.graph == "fused":
+            path = fused.build_decoder(fmodel, tokenizer, where)
+        else:
+            path = trace.trace_decoder(fmodel, where)
         proto = onnx.load(str(path), load_external_data=False)
         full = onnx.load(str(path))
         located = trace.locate_linears(full, fmodel, list(model.otaro.layers))
@@ -283,8 +306,9 @@ class _Exporter:
         return path, fmodel.config.to_dict(), proto.graph, located
 
     def write_main(self, out: Path, scratch: Path) -> dict:
-        self.say("tracing the float decoder (optimum)")
-        self.traced, self.hf_config, graph, self.located = self.trace(self.model, scratch / "main")
+        self.say("building the fused float decoder (onnxruntime-genai's model builder)" if self.graph == "fused"
+                 else "tracing the float decoder (optimum)")
+        self.traced, self.hf_config, graph, self.located = self.trace(self.model, scratch / "main", self.tokenizer)
         self.say(f"rewriting {len(self.located)} linears as {ops.SEFP_OP} ({self.fmt.name}, default {self.default_bits} bits)")
         layers = self.model.otaro.layers
         proto = onnx.load(str(self.traced))
@@ -296,7 +320,7 @@ class _Exporter:
         self.tied = rewrite.share_tied_head(proto)
         rewrite.finalize(proto, {"otaro.artifact": str(FORMAT_VERSION), "otaro.format": self.fmt.name,
                                  "otaro.bits_input": ops.BITS_INPUT, "otaro.default_bits": str(self.default_bits),
-                                 **_decoder_metadata(self.model.config)})
+                                 **_decoder_metadata(self.model.config, self.graph)})
         files = rewrite.save(proto, out / "model.onnx")
         side = _copy_side_files(self.traced.parent, out, self.tokenizer, self.hf_config, proto.graph,
                                 self.cfg.accuracy_level)
@@ -336,7 +360,7 @@ class _Exporter:
         else:
             model, man, tok = self.sources[v.name]
             self.say(f"tracing variant {v.name}")
-            traced, hf, _, located = self.trace(model, scratch / v.name)
+            traced, hf, _, located = self.trace(model, scratch / v.name, tok)
             fmt = model.otaro.fmt
             weights = {}
             for n in model.otaro.layers:
@@ -353,7 +377,7 @@ class _Exporter:
             self._rewrite_embedding(proto, located)
         rewrite.share_tied_head(proto)
         rewrite.finalize(proto, {"otaro.artifact": str(FORMAT_VERSION), "otaro.format": fmt_name,
-                                 "otaro.variant": v.name, **_decoder_metadata(model.config)})
+                                 "otaro.variant": v.name, **_decoder_metadata(model.config, self.graph)})
         files = rewrite.save(proto, dest / "model.onnx")
         side = _copy_side_files(traced.parent, dest, tok, hf, proto.graph, None)
         rec = {"name": v.name, "path": f"variants/{v.name}", "kind": "sefp-fixed" if v.kind == "sefp" else "int",
@@ -435,6 +459,7 @@ class _Exporter:
                 "trained_bits": self.manifest.get("trained_bits"),
                 "default_bits": self.default_bits,
                 "accuracy_level": cfg.accuracy_level,
+                "graph": self.graph,
                 "tied_head": self.tied,
                 "head": self.model.otaro.head.record() if self.model.otaro.head is not None else None,
                 "layers": {n: {"in_features": K, "out_features": N, "node": self.located[n][1]}

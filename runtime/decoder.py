@@ -23,6 +23,9 @@ import numpy as np
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 RESET_KEY = "otaro.recompute_past_after"  # written by the exporter (otaro/arch/rope.py)
+# "right": the graph reads each row's length from the attention mask and wants the real tokens
+# first (onnxruntime's GroupQueryAttention: the fused graph of otaro/export/fused.py).
+PADDING_KEY = "otaro.padding"
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class DecoderIO:
     has_position_ids: bool
     extra_inputs: tuple[str, ...]  # inputs we do not feed (e.g. a run-time bits input)
     recompute_past_after: int | None = None  # total length at which the past goes stale (RESET_KEY)
+    right_padding: bool = False  # PADDING_KEY = "right"
 
     @classmethod
     def of(cls, session) -> "DecoderIO":
@@ -54,8 +58,11 @@ class DecoderIO:
         known = {"input_ids", "attention_mask", "position_ids", *past}
         meta = session.get_modelmeta().custom_metadata_map or {}
         reset = meta.get(RESET_KEY)
+        padding = meta.get(PADDING_KEY, "left")
+        if padding not in ("left", "right"):
+            raise ValueError(f"the ONNX model's {PADDING_KEY} metadata is {padding!r}, expected 'left' or 'right'")
         return cls(tuple(past), present, kv_shape, dtype, "position_ids" in inputs,
-                   tuple(n for n in inputs if n not in known), int(reset) if reset else None)
+                   tuple(n for n in inputs if n not in known), int(reset) if reset else None, padding == "right")
 
 
 class Decoder:
@@ -121,6 +128,10 @@ class Decoder:
 class Batch:
     """Prompts of different lengths decoded together: left padding (``attention_mask`` 0, and
     positions counting real tokens only), so each row sees exactly what it would see alone.
+    A graph that wants the real tokens first (``DecoderIO.right_padding``: GroupQueryAttention
+    takes each row's length from the mask's sum and writes its next key right after them) is
+    padded on the right instead, and the prompt logits are read at each row's last real token;
+    later steps append one real token to every row, and the graph counts only the mask's sum.
 
     ``prefill()`` returns the next-token logits [B, V] after the prompts; ``step(tokens)`` feeds
     one token per row and returns the next logits. Rows that finished early keep being fed
@@ -133,12 +144,18 @@ class Batch:
         width = max(len(p) for p in prompts)
         self._ids = np.full((len(prompts), width), pad_id, np.int64)
         self.mask = np.zeros((len(prompts), width), np.int64)
+        self._right = decoder.io.right_padding
         for i, p in enumerate(prompts):
-            self._ids[i, width - len(p):] = p
-            self.mask[i, width - len(p):] = 1
+            cols = slice(0, len(p)) if self._right else slice(width - len(p), width)
+            self._ids[i, cols] = p
+            self.mask[i, cols] = 1
+        self._lengths = np.array([len(p) for p in prompts])
         self._past = decoder.empty_past(len(prompts))
 
     def prefill(self) -> np.ndarray:
+        if self._right:
+            logits, self._past = self.decoder.extend(self._ids, self.mask, self._past, self._ids.shape[1])
+            return logits[np.arange(len(self._lengths)), self._lengths - 1]
         return self._run(self._ids.shape[1])
 
     def step(self, tokens: np.ndarray) -> np.ndarray:

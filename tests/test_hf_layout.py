@@ -5,9 +5,6 @@ export), truthful variant names, and onnxruntime-genai's model builder on our fo
 
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 import types
 
 import numpy as np
@@ -416,28 +413,10 @@ def test_export_variant_names_tell_the_truth(hf32, gptq_folder, tmp_path):
 
 # --------------------------------------------------------------------------- onnxruntime-genai
 
-# onnxruntime-genai 0.18's builder is written against transformers 5: it imports two Qwen3.5
-# classes 4.57 lacks (never used for a llama) and reads `rope_parameters` (4.57: rope_theta and
-# rope_scaling=None). The shim supplies exactly those; everything the builder does with our
-# folder — its GPTQ/AWQ loaders, repacking to MatMulNBits, the llama graph — is its own code.
-SHIM = textwrap.dedent('''
-    import json, runpy, sys, transformers
-    for n in ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"):
-        if not hasattr(transformers, n):
-            setattr(transformers, n, type(n, (), {}))
-    _orig = transformers.AutoConfig.from_pretrained.__func__
-    def _from_pretrained(cls, *a, **k):
-        cfg = _orig(cls, *a, **k)
-        if getattr(cfg, "rope_scaling", {}) is None:
-            cfg.rope_scaling = {}
-        if not hasattr(cfg, "rope_parameters"):
-            cfg.rope_parameters = {"rope_type": "default", "rope_theta": getattr(cfg, "rope_theta", 10000.0)}
-        return cfg
-    transformers.AutoConfig.from_pretrained = classmethod(_from_pretrained)
-    for argv in json.loads(sys.argv[1]):
-        sys.argv = ["builder"] + argv
-        runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
-''')
+# onnxruntime-genai 0.18's builder runs through otaro.export.genai_builder (the exporter's
+# --graph fused path), which supplies the two transformers-5 names it imports; everything the
+# builder does with our folder — its GPTQ/AWQ loaders, repacking to MatMulNBits, the llama graph
+# — is its own code.
 
 
 def _genai_greedy(folder, prompt, n):
@@ -464,11 +443,9 @@ def test_onnxruntime_genai_builder_runs_our_folders_like_torch(gptq_folder, tmp_
     opts = ["-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache"), "--extra_options",
             "nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather", "accuracy_level=1", "hf_token=false"]
     jobs = [["-i", str(src), "-o", str(tmp_path / f"og-{src.name}"), *opts] for src in (gptq_folder, awq)]
-    shim = tmp_path / "shim.py"
-    shim.write_text(SHIM)
-    r = subprocess.run([sys.executable, str(shim), json.dumps(jobs)], capture_output=True, text=True, timeout=600,
-                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    from otaro.export.genai_builder import run_builder
+
+    run_builder(jobs, timeout=600)
     model = checkpoint.load(gptq_folder)
     ref_logits, ref_tokens = torch_reference(model, PROMPT, NEW)
     assert len(set(ref_tokens)) > 2  # a real continuation, not one repeated token

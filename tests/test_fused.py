@@ -1,0 +1,151 @@
+"""`otaro export --graph fused`: onnxruntime-genai's builder graph carrying our SEFP linears.
+
+The exporter's own validation (exact MatMulNBits, every b) checks the fused graph against torch;
+here: that it *is* the fused graph (GroupQueryAttention, far fewer nodes than the trace), that
+the per-layer q/k/v split keeps every linear its own code, that right-padded batches decode
+exactly like single prompts, that `auto` falls back to the trace where the builder does not
+apply, and that bad requests are refused before any work.
+"""
+
+import collections
+import importlib.util
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from otaro import checkpoint
+from otaro.arch.tiny import tiny_model, tiny_tokenizer
+from otaro.errors import OtaroError
+from otaro.export import genai_builder
+from otaro.export.artifact import ExportConfig, export
+from otaro.formats import onnx_ops as ops
+from otaro.modules import convert
+from otaro.runtime import Runtime
+from otaro.runtime.artifact import read_manifest
+from otaro.runtime.decoder import Batch, Decoder
+
+pytestmark = pytest.mark.skipif(genai_builder.available() is not None,
+                                reason="onnxruntime-genai's model builder (onnxruntime-genai, onnx-ir) not installed")
+PROMPTS = [list(range(3, 19)), list(range(5, 11)), list(range(20, 41))]
+
+
+def _ckpt(root, arch="llama", fmt="ssfp-g16-nearest", head_bits=None):
+    model = convert(tiny_model(arch, init_std=0.15), fmt)
+    if head_bits is not None:
+        from otaro.head import quantize_head
+
+        model = quantize_head(model, head_bits)
+    checkpoint.save(model, root / f"ck-{arch}", tokenizer=tiny_tokenizer())
+    return root / f"ck-{arch}"
+
+
+@pytest.fixture(scope="module")
+def arts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fused")
+    ck = _ckpt(root)
+    out = {}
+    for graph in ("fused", "traced"):
+        out[graph] = root / graph
+        export(ExportConfig(ck, out[graph], accuracy_level=1, validate_tokens=6, graph=graph))
+    return ck, out
+
+
+def _ops(path):
+    return collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def test_fused_graph_validates_and_is_the_fused_one(arts):
+    _, out = arts
+    man = read_manifest(out["fused"])
+    assert man["graph"] == "fused" and read_manifest(out["traced"])["graph"] == "traced"
+    res = man["validation"]["results"]
+    assert [r["bits"] for r in res] == list(range(2, 9))
+    assert all(r["passed"] and r["greedy_equal"] for r in res)
+    assert max(r["max_abs_diff"] for r in res) < 1e-4  # exact level: summation order only
+    fused, traced = _ops(out["fused"] / "model.onnx"), _ops(out["traced"] / "model.onnx")
+    layers = len(man["layers"])
+    assert fused["GroupQueryAttention"] == 2 and fused["SkipSimplifiedLayerNormalization"] >= 3
+    # every linear (q, k and v included) keeps its own SEFP code
+    sefp = [sum(v for k, v in c.items() if k.startswith(ops.SEFP_OP)) for c in (fused, traced)]
+    assert sefp == [layers, layers]
+    assert sum(fused.values()) * 2 < sum(traced.values())
+    # only standard ops in the default domain: the ONNX checker passes (the rewrite's save ran it)
+    assert "SimplifiedLayerNormalization" not in fused
+
+
+def test_fused_and_traced_give_the_same_logits_at_every_bits(arts):
+    _, out = arts
+    got = {}
+    for graph, art in out.items():
+        rt = Runtime.load(art, threads=1, accuracy_level=1)
+        for b in (2, 4, 8):
+            rt.set_precision(b)
+            got[(graph, b)] = rt.logits(PROMPTS[0])
+    for b in (2, 4, 8):
+        # same weights, same math; attention differs only in fp32 summation order
+        np.testing.assert_allclose(got[("fused", b)], got[("traced", b)], atol=2e-4, rtol=0)
+
+
+def test_right_padded_batches_decode_like_single_prompts(arts):
+    _, out = arts
+    rt = Runtime.load(out["fused"], threads=1, accuracy_level=1)
+    assert rt.decoder.io.right_padding and not rt.decoder.io.has_position_ids
+    for b in (8, 3):
+        rt.set_precision(b)
+        single = [rt.generate(p, max_new_tokens=6).token_ids for p in PROMPTS]
+        batch = [g.token_ids for g in rt.generate(PROMPTS, max_new_tokens=6)]
+        assert batch == single, b
+    # and the padded rows really were padded on the right
+    dec = rt.decoder
+    bt = Batch(dec, PROMPTS, pad_id=0)
+    assert bt.mask[1].tolist() == [1] * len(PROMPTS[1]) + [0] * (len(PROMPTS[2]) - len(PROMPTS[1]))
+
+
+def test_left_padding_would_be_wrong_for_this_graph(arts):
+    """Why the runtime pads right: GroupQueryAttention counts the real tokens from the front."""
+    _, out = arts
+    sess = ort.InferenceSession(str(out["fused"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    dec = Decoder(sess)
+    short = PROMPTS[1]
+    alone = dec.prompt_logits(short)[-1]
+    width = len(PROMPTS[0])
+    ids = np.array([[0] * (width - len(short)) + short], np.int64)
+    mask = np.array([[0] * (width - len(short)) + [1] * len(short)], np.int64)
+    left, _ = dec.forward(ids, mask, dec.empty_past(1))
+    assert np.abs(left[0, -1] - alone).max() > 1e-2
+
+
+def test_quantized_head_and_embedding_in_the_fused_graph(tmp_path):
+    ck = _ckpt(tmp_path, head_bits=8)
+    m = export(ExportConfig(ck, tmp_path / "art", accuracy_level=1, validate_tokens=4, graph="fused"))
+    assert m["graph"] == "fused" and m["head"] is not None
+    assert all(r["passed"] and r["greedy_equal"] for r in m["validation"]["results"])
+    g = onnx.load(str(tmp_path / "art/model.onnx"), load_external_data=False).graph
+    assert any(n.op_type.startswith(ops.GATHER_OP) for n in g.node)  # the embedding gathers SEFP codes
+    # no float table left: the tied head's int8 code is stored once and gathered from
+    assert not [i for i in g.initializer if sorted(i.dims) == [64, 320] and i.data_type == onnx.TensorProto.FLOAT]
+    assert len([i for i in g.initializer if sorted(i.dims) == [64, 320]]) == 1
+
+
+def test_auto_uses_the_trace_where_the_builder_does_not_apply(tmp_path):
+    ck = _ckpt(tmp_path, arch="gpt_neox", fmt="ssfp-g16-trunc")
+    m = export(ExportConfig(ck, tmp_path / "art", validate=False))
+    assert m["graph"] == "traced"
+    with pytest.raises(OtaroError, match="--graph fused supports llama"):
+        export(ExportConfig(ck, tmp_path / "art2", validate=False, graph="fused"))
+    assert not (tmp_path / "art2").exists()
+
+
+def test_missing_builder_is_a_clear_error(tmp_path, monkeypatch):
+    ck = _ckpt(tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnx_ir" else real(n, *a))
+    with pytest.raises(OtaroError, match="onnx-ir"):
+        export(ExportConfig(ck, tmp_path / "art", validate=False, graph="fused"))
+    assert not (tmp_path / "art").exists()
+    # auto quietly takes the trace instead
+    assert export(ExportConfig(ck, tmp_path / "art3", validate=False))["graph"] == "traced"
+    with pytest.raises(OtaroError, match="unknown graph"):
+        export(ExportConfig(ck, tmp_path / "art4", validate=False, graph="fast"))
