@@ -3,7 +3,9 @@
 Engines (every one on the same weights: SmolLM2-135M-Instruct as shipped, a Q4_1 GGUF, which
 our checkpoints are quantized from after dequantizing):
   * otaro runtime, the one SEFP artifact of `benchmarks/head_bench.py` (8-bit SEFP head), at
-    b = 2, 3, 4, 8, switched in place;
+    b = 2, 3, 4, 8, switched in place, exported with the fused graph (`--graph fused`,
+    onnxruntime-genai's builder: the default for llama models);
+  * the same checkpoint exported with the optimum trace (`--graph traced`) at b = 4 and 8;
   * llama.cpp `llama-bench` on Q4_0, Q4_1 (the shipped file), Q8_0 and F32 GGUFs (made with
     `llama-quantize --allow-requantize`; llama.cpp built by `benchmarks/llamacpp.py`);
   * the fp32 ONNX decoder (optimum) in the runtime's decode loop.
@@ -37,6 +39,7 @@ sys.path.insert(0, str(HERE))
 from results_md import publish  # noqa: E402
 
 OTARO_BITS = (2, 3, 4, 8)
+TRACED_BITS = (4, 8)  # the optimum-traced graph of the same checkpoint, for the fused graph's gain
 GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0", "F32")
 SOURCE_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CTX, NEW, PROMPT = 128, 64, 128
@@ -181,12 +184,15 @@ def measure(args) -> dict:
         raise SystemExit("llama.cpp's llama-bench/llama-quantize were not found: run `make llama-cpp` "
                          "(builds them offline from the llama-cpp-python sdist, ~15 min) or set $LLAMA_CPP_BIN")
     root = work_dir()
-    _, art, _ = build_artifact("head 8", 8, root, args.threads)
+    _, traced_art, _ = build_artifact("head 8", 8, root, args.threads, graph="traced")
+    _, art, _ = build_artifact("head 8", 8, root, args.threads, graph="fused")
     files = ggufs(tools, root)
     fp32 = fp32_onnx(root / "fp32")
     load0 = os.getloadavg()
     rt = Runtime.load(art, threads=args.threads, accuracy_level=4, cache_bytes=2 << 30, verify=False, spin=SPIN,
                       warm=list(OTARO_BITS))
+    rt_traced = Runtime.load(traced_art, threads=args.threads, accuracy_level=4, cache_bytes=2 << 30, verify=False,
+                             spin=SPIN, warm=list(TRACED_BITS))
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if SPIN else "0")
@@ -194,15 +200,17 @@ def measure(args) -> dict:
     _, text = read_text("corpus:brown-eval")
     prompt = rt.encode(text[:20000])[:max(CTX, PROMPT)]
     engines = [(f"otaro b={b}", "otaro", b) for b in OTARO_BITS] + \
+              [(f"otaro traced b={b}", "otaro-traced", b) for b in TRACED_BITS] + \
               [(f"llama.cpp {t}", "llama", t) for t in GGUF_TYPES] + [("fp32 ONNX (optimum)", "fp32", None)]
     got = {name: [] for name, _, _ in engines}
     build_commit = None
 
     def one(kind, arg):
         nonlocal build_commit
-        if kind == "otaro":
-            rt.set_precision(arg)
-            return ort_round(rt.decoder, prompt)
+        if kind in ("otaro", "otaro-traced"):
+            r = rt if kind == "otaro" else rt_traced
+            r.set_precision(arg)
+            return ort_round(r.decoder, prompt)
         if kind == "fp32":
             return ort_round(fp32_dec, prompt)
         r = llama_round(tools, files[arg], args.threads)
@@ -216,14 +224,15 @@ def measure(args) -> dict:
             got[name].append(one(kind, arg))
         print(f"round {i + 1}/{args.rounds}: " + ", ".join(f"{n} {got[n][-1]['decode_tps']:.0f}" for n in got),
               flush=True)
-    del rt, fp32_dec
+    del rt, rt_traced, fp32_dec
     rows = []
     for name, kind, arg in engines:
-        rec = {"engine": name, "kind": kind, "bits": arg if kind == "otaro" else None, "gguf": arg if kind == "llama" else None,
+        rec = {"engine": name, "kind": kind, "bits": arg if kind.startswith("otaro") else None, "gguf": arg if kind == "llama" else None,
                "decode_tps": statistics.median(r["decode_tps"] for r in got[name]),
                "prefill_tps": statistics.median(r["prefill_tps"] for r in got[name])}
-        if kind == "otaro":
-            rec["file_bytes"], rec["peak_rss"] = model_bytes(art), ort_rss(args.threads, "otaro", art, arg)
+        if kind.startswith("otaro"):
+            a = art if kind == "otaro" else traced_art
+            rec["file_bytes"], rec["peak_rss"] = model_bytes(a), ort_rss(args.threads, "otaro", a, arg)
         elif kind == "fp32":
             rec["file_bytes"], rec["peak_rss"] = model_bytes(fp32.parent), ort_rss(args.threads, "fp32", fp32)
         else:
@@ -258,8 +267,10 @@ def markdown(res: dict) -> str:
         + f"; {res['rounds']} interleaved "
         f"rounds, medians. Load average at start {res['load_start'][0]:.2f}, at end {res['load_end'][0]:.2f}. Decode: "
         f"{res['new']} greedy tokens after {res['ctx']} tokens of context; prefill: a {res['prompt']}-token prompt. "
-        "otaro: the one SEFP artifact (8-bit SEFP head, `--head-bits 8`, the default), switched in place; llama.cpp's "
-        "Q4_0/Q8_0/F32 are requantized from the shipped Q4_1 file.",
+        "otaro: the one SEFP artifact (8-bit SEFP head, `--head-bits 8`, the default), switched in place, with the fused "
+        "decoder graph (`otaro export --graph fused`, onnxruntime-genai's model builder: GroupQueryAttention; the "
+        "default for llama models); `otaro traced` is the same checkpoint exported with the optimum trace "
+        "(`--graph traced`). llama.cpp's Q4_0/Q8_0/F32 are requantized from the shipped Q4_1 file.",
         "",
         "| engine | decode tok/s | ×llama.cpp Q4_0 | prefill tok/s | peak RSS MiB | file MiB |",
         "|---|---|---|---|---|---|",
@@ -270,6 +281,7 @@ def markdown(res: dict) -> str:
                    f"{r['peak_rss'] / 2**20:.0f} | {r['file_bytes'] / 2**20:.0f} |")
     b2, b4, b8 = (rows[f"otaro b={b}"]["decode_tps"] for b in (2, 4, 8))
     q80 = rows["llama.cpp Q8_0"]["decode_tps"]
+    traced = {b: rows[f"otaro traced b={b}"]["decode_tps"] for b in TRACED_BITS if f"otaro traced b={b}" in rows}
     out += [
         "",
         "otaro's file is one file for every b (its size is the same on every row); each llama.cpp precision is a file of its own. "
@@ -281,6 +293,9 @@ def markdown(res: dict) -> str:
         f"- decode at b = 4 vs llama.cpp Q4_0: {b4 / q40:.2f}× (goal ≥ 1) {'✓' if b4 >= q40 else '✗'}; at b = 8 vs Q8_0: "
         f"{b8 / q80:.2f}× (goal ≥ 1) {'✓' if b8 >= q80 else '✗'}.",
         f"- b = 2 vs b = 4: {b2 / b4:.2f}× (goal ≥ 1.3×) {'✓' if b2 >= 1.3 * b4 else '✗'}.",
+        *([f"- the fused graph against the traced one, same weights: "
+           + ", ".join(f"b = {b} {rows[f'otaro b={b}']['decode_tps'] / t:.2f}×" for b, t in traced.items())
+           + " decode."] if traced else []),
         "",
         f"![engines](results/{section(res)}.png)",
     ]
@@ -294,7 +309,7 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = res["rows"]
-    colors = {"otaro": "tab:blue", "llama": "tab:orange", "fp32": "tab:gray"}
+    colors = {"otaro": "tab:blue", "otaro-traced": "tab:cyan", "llama": "tab:orange", "fp32": "tab:gray"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     names = [r["engine"] for r in rows]
     ax1.barh(names, [r["decode_tps"] for r in rows], color=[colors[r["kind"]] for r in rows])

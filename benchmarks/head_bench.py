@@ -48,14 +48,15 @@ def work_dir() -> Path:
     return d
 
 
-def build(name: str, head_bits, root: Path, threads: int) -> tuple[Path, Path, float]:
-    """(checkpoint, artifact, export seconds); reused when already built."""
+def build(name: str, head_bits, root: Path, threads: int, graph: str = "traced") -> tuple[Path, Path, float]:
+    """(checkpoint, artifact, export seconds); reused when already built. ``graph``: the
+    exporter's --graph (this benchmark's published numbers are the traced graph's)."""
     from otaro.export.artifact import ExportConfig, export
     from otaro.formats import DEFAULT_SEFP
     from otaro.quantize import QuantizeConfig, quantize
 
     tag = name.replace(" ", "-")
-    ck, art = root / f"ck-{tag}", root / f"art-{tag}"
+    ck, art = root / f"ck-{tag}", root / (f"art-{tag}" + ("" if graph == "traced" else f"-{graph}"))
     if not (ck / "otaro.json").is_file():
         quantize(QuantizeConfig(MODEL, str(ck), format=DEFAULT_SEFP, head_bits=head_bits, overwrite=True))
     t = 0.0
@@ -63,7 +64,7 @@ def build(name: str, head_bits, root: Path, threads: int) -> tuple[Path, Path, f
         t0 = time.perf_counter()
         # The quantized head's artifact is validated against torch at every b (the real-model
         # check of the new Gather/MatMul path); the float one is the already-validated layout.
-        export(ExportConfig(ck, art, validate=head_bits is not None, overwrite=True, threads=threads),
+        export(ExportConfig(ck, art, validate=head_bits is not None, overwrite=True, threads=threads, graph=graph),
                progress=lambda s: print(f"  {name}: {s}", flush=True))
         t = time.perf_counter() - t0
     return ck, art, t

@@ -286,8 +286,11 @@ class _Exporter:
         if self.cfg.graph == "fused":
             fused.check_supported(model_type)  # refused before any tracing
             return "fused"
-        if self.cfg.graph == "auto" and fused.supported(model_type) and genai_builder.available() is None:
-            return "fused"
+        if self.cfg.graph == "auto" and fused.supported(model_type):
+            need = genai_builder.available()
+            if need is None:
+                return "fused"
+            self.say(f"using the optimum trace: {need.split(', or export')[0]}")
         return "traced"
 
     # -- steps 2-3 ----------------------------------------------------------------------

@@ -53,8 +53,8 @@ class ModelShape:
     extra_code_bits: int  # the rounding's extra code bits (midpoint: 1)
     bits: tuple[int, ...]  # the bit-widths the artifact carries
     float_read_bytes: int  # float initializers read in full every token
-    float_matmul_params: int  # of those, 2-D ones (the head): 2 FLOPs per parameter per token
-    gather_row_bytes: int  # one row of every Gather-only table: read once per token
+    float_matmul_params: int  # of those, 2-D MatMul operands (the head): 2 FLOPs per parameter per token
+    gather_row_bytes: int  # one row of every row-read table (Gather, rotary caches): read once per token
     float_stored_bytes: int  # every float initializer (memory)
     kv_bytes_per_position: int  # K and V of every layer for one position, batch 1
     n_layers: int
@@ -140,10 +140,17 @@ class ModelShape:
             raise ArtifactError(f"{root / m['model']['file']} is not a readable ONNX model ({e})") from None
         g = proto.graph
         quantized = {f"{n}.{k}" for n in m["layers"] for k in ("mantissa", "scale8")}
-        gathered, full = set(), set()
+        # Which initializers a token reads in full (MatMul operands, the tied head through its
+        # Transpose) and which by rows: Gather's table (one row per token) and the rotary cos/sin
+        # caches of the fused graph's GroupQueryAttention (one row per position; they are not
+        # weights, so they add no FLOPs).
+        gathered, full, matmul_inputs = set(), set(), set()
         for node in g.node:
             for i, x in enumerate(node.input):
-                (gathered if node.op_type == "Gather" and i == 0 else full).add(x)
+                by_row = (node.op_type == "Gather" and i == 0) or node.op_type == "GroupQueryAttention"
+                (gathered if by_row else full).add(x)
+                if node.op_type in ("MatMul", "Gemm", "Transpose"):
+                    matmul_inputs.add(x)
         float_read = gather_row = stored = matmul_params = 0
         for t in g.initializer:
             if t.name in quantized:
@@ -156,7 +163,7 @@ class ModelShape:
             stored += nbytes
             if t.name in full:  # a tied head reads the embedding in full (through a Transpose)
                 float_read += nbytes
-                if len(t.dims) == 2:
+                if len(t.dims) == 2 and t.name in matmul_inputs:
                     matmul_params += n
             if t.name in gathered and len(t.dims) >= 1 and t.dims[0]:
                 gather_row += (n // t.dims[0]) * dtype.itemsize
