@@ -46,6 +46,13 @@ TARGETS_ONLY = {"mid": ("ssfp-g64-nearest",)}
 # llama.cpp's Q4_0/Q8_0 layout (groups of 32, one fp16 scale: b + 0.5 bits per weight), as one
 # model; its per-bit peer is int-g32-sym (int asym g32 is lossless on these weights: left out).
 G32 = ("ssfp-g32-nearest",)
+# Block reconstruction as a one-model row (MB-2, SignRound on the stored code, issue 11) with b = 8
+# among its targets: without it the learned clipping drifts b = 8 to KLD ~0.05 (RESULTS "recon").
+# Sized as recon_bench's CPU run (16 × 256 calibration tokens, 50 steps of 4 windows per block
+# pair); the options are QuantizeConfig fields and part of the row's cache key.
+RECON_OPTIONS = (("calib_len", 256), ("calib_samples", 16), ("recon_batch", 4), ("recon_blocks", 2),
+                 ("recon_iters", 50))
+RECON = ("ssfp-g64-nearest",)
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,9 @@ class Row:
     one_model: bool
     bits: tuple[int, ...]
     targets: str = ""  # --bits of a multi-bit method
+    # (QuantizeConfig field, value) pairs of the method, calibration size included; out of repr (the
+    # cache key of rows measured before options existed) and added to the key by row_key when set
+    options: tuple = field(default=(), repr=False)
     checkpoint: str = ""  # an existing checkpoint instead of a method run
     # label of the PTQ row a checkpoint row (fine-tuned) started from; not in repr, which is
     # the cache key, since it does not change the measured numbers
@@ -80,6 +90,8 @@ def plan(args) -> list[Row]:
         rows.append(Row(f"{fmt} rtn", "rtn", fmt, True, BITS))
         for key in ("low", "mid"):
             rows.append(Row(f"{fmt} gptq[{key}]", "gptq", fmt, True, BITS, targets=TARGETS[key]))
+    for fmt in RECON:
+        rows.append(Row(f"{fmt} mb-2[even]", "mb", fmt, True, BITS, targets=TARGETS["even"], options=RECON_OPTIONS))
     for kind, g in (("sym", 32), ("sym", 64), ("asym", 64), ("sym", 128), ("asym", 128)):
         for b in BITS:
             rows.append(Row(f"int-g{g}-{kind} rtn", "rtn", f"int{b}-g{g}-{kind}", False, (b,)))
@@ -90,7 +102,7 @@ def plan(args) -> list[Row]:
         # "no worse than every int RTN model" goal) and per-bit GPTQ
         keep = {"ssfp-g64-nearest rtn", "sefp-g64-nearest rtn", "ssfp-g64-nearest gptq[low]", "int-g128-asym gptq",
                 *(f"{fmt} rtn" for fmt in G32), *(f"{fmt} gptq[{k}]" for fmt in G32 for k in ("low", "mid"))}
-        rows = [r for r in rows if r.label in keep or r.method == "checkpoint"
+        rows = [r for r in rows if r.label in keep or r.method == "checkpoint" or r.options
                 or (not r.one_model and r.method == "rtn")]
     return rows
 
@@ -110,6 +122,11 @@ def same_settings(published: dict, args, reference_ppl: dict[str, float]) -> boo
     theirs = {r["text"]: r["ppl"] for r in published.get("rows", []) if r.get("label") == "fp32"}
     return set(theirs) == set(reference_ppl) and all(
         abs(theirs[t] - reference_ppl[t]) <= 1e-6 * reference_ppl[t] for t in reference_ppl)
+
+
+def row_key(row: Row) -> str:
+    """The cache key of a row's measurement."""
+    return repr(row) + (f" options={row.options!r}" if row.options else "")
 
 
 class Cache:
@@ -136,23 +153,25 @@ class Cache:
             if len(got) != len(TEXTS) * len(row.bits):
                 continue
             key = row.label + ("" if row.one_model else f" b{row.bits[0]}")
-            self.data[repr(row)] = {"rows": got, "quantize_s": published.get("quantize_seconds", {}).get(key, 0.0),
+            self.data[row_key(row)] = {"rows": got, "quantize_s": published.get("quantize_seconds", {}).get(key, 0.0),
                                     "eval_s": 0.0, "seeded": True}
             taken += 1
         return taken
 
     def get(self, row: Row):
-        return self.data.get(repr(row))
+        return self.data.get(row_key(row))
 
     def put(self, row: Row, value) -> None:
         from otaro.io import write_json
 
-        self.data[repr(row)] = value
+        self.data[row_key(row)] = value
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.path, self.data)
 
 
 def quantize(row: Row, src, calib, args):
+    """``calib``: the calibration windows of this run's size, or a function of (samples, seq_len)
+    that reads them for a row whose options size its own."""
     import torch
 
     from otaro import checkpoint
@@ -164,13 +183,16 @@ def quantize(row: Row, src, calib, args):
         return checkpoint.load(row.checkpoint)
     fmt = get_format(row.fmt)
     method = get_method(row.method)
+    opts = {"calib_samples": args.calib_samples, "calib_len": args.calib_len, **dict(row.options)}
     # the config validates an output folder that must not exist; nothing is written there
     cfg = QuantizeConfig(model=MODEL, output=str(Path(tempfile.gettempdir()) / "otaro-quality-unused"),
                          method=row.method, format=row.fmt,
-                         calib=CALIB if method.needs_calibration else (), calib_samples=args.calib_samples,
-                         calib_len=args.calib_len, bits=row.targets or ())
-    with torch.no_grad():
-        return method.run(copy.deepcopy(src.model), fmt, cfg, calib if method.needs_calibration else None, None)
+                         calib=CALIB if method.needs_calibration else (), bits=row.targets or (), **opts)
+    data = None
+    if method.needs_calibration:
+        data = calib(opts["calib_samples"], opts["calib_len"]) if callable(calib) else calib
+    with torch.no_grad():  # the reconstruction methods turn gradients on for their own steps
+        return method.run(copy.deepcopy(src.model), fmt, cfg, data, None)
 
 
 def evaluate(model, row: Row, windows, cache_ref, batch_size: int) -> list[dict]:
@@ -205,8 +227,13 @@ def run(args) -> dict:
     max_pos = getattr(src.model.config, "max_position_embeddings", None)
     windows = [make_windows(src.tokenizer, text, args.seq_len, args.max_windows, label, max_pos)
                for label, text in (read_text(t) for t in TEXTS)]
-    calib = calibration_windows(src.tokenizer, list(CALIB), args.calib_samples, args.calib_len, seed=0,
-                                max_positions=max_pos)
+    calib_sets: dict = {}
+
+    def calib(samples: int, seq_len: int):
+        if (samples, seq_len) not in calib_sets:
+            calib_sets[(samples, seq_len)] = calibration_windows(src.tokenizer, list(CALIB), samples, seq_len, seed=0,
+                                                                 max_positions=max_pos)
+        return calib_sets[(samples, seq_len)]
     key = hashlib.sha256(json.dumps([MODEL, args.seq_len, args.max_windows, args.calib_samples, args.calib_len,
                                      BITS]).encode()).hexdigest()[:12]
     cache = Cache(key)

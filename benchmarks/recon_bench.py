@@ -77,7 +77,7 @@ class Cache(quality.Cache):
         if self.enabled:
             super().put(row, value)
         else:
-            self.data[repr(row)] = value
+            self.data[quality.row_key(row)] = value
 
 
 def method_options(method: str, args, calib_specs=()) -> dict:

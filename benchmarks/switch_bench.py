@@ -71,7 +71,7 @@ def measure(args) -> dict:
     from otaro.runtime.backends import select_backend
 
     root = work_dir()
-    _, art, _ = build_artifact("head 8", 8, root, args.threads)
+    _, art, _ = build_artifact("head 8", 8, root, args.threads, graph=args.graph)
     rt = Runtime.load(art, threads=args.threads, cache_bytes=0, verify=False)
     backend = select_backend("cpu", ort.get_available_providers(), rt.backend.accuracy_level)
     files = {}
@@ -116,7 +116,7 @@ def measure(args) -> dict:
     info = machine_info()
     info["onnxruntime"] = ort.__version__
     return {
-        "machine": info, "threads": args.threads, "reps": args.reps,
+        "machine": info, "threads": args.threads, "reps": args.reps, "graph": args.graph,
         "cold": {b: {**summary([c["s"] for c in cold[b]]), "derive_p50": pct([c["derive_s"] for c in cold[b]], 0.5),
                      "session_p50": pct([c["session_s"] for c in cold[b]], 0.5)} for b in BITS},
         "cold_all": summary([c["s"] for b in BITS for c in cold[b]]),
@@ -142,10 +142,13 @@ def markdown(res: dict) -> str:
     out = [
         "## Switching precision on SmolLM2-135M (`benchmarks/switch_bench.py`)",
         "",
-        f"Command: `python benchmarks/switch_bench.py --threads {res['threads']} --reps {res['reps']}`. Machine: "
+        f"Command: `python benchmarks/switch_bench.py --threads {res['threads']} --reps {res['reps']}"
+        f"{' --graph ' + res['graph'] if res.get('graph', 'traced') != 'fused' else ''}`. Machine: "
         f"{m['processor']}, {m['cpus']} CPUs, onnxruntime {m['onnxruntime']}, {res['threads']} thread(s). The "
-        "artifact of the head benchmark (8-bit SEFP head); per-bit files hold the very bytes the runtime builds at "
-        "that b. p50/p95 over the repetitions.",
+        "artifact of the head benchmark (8-bit SEFP head), exported with the "
+        + ("fused decoder graph (`--graph fused`, DESIGN §7.23)" if res.get("graph", "traced") == "fused"
+           else "optimum-traced graph (`--graph traced`)")
+        + "; per-bit files hold the very bytes the runtime builds at that b. p50/p95 over the repetitions.",
         "",
         "| to b | cold switch p50 / p95 s (derive+pack / session, p50) | per-bit file load, warm cache p50 / p95 s | "
         "cold cache p50 s | cold switch ÷ file load (p50) |",
@@ -217,6 +220,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--graph", choices=("fused", "traced"), default="fused",
+                    help="the exporter's decoder graph (default fused, what `otaro export` picks for llama models)")
     ap.add_argument("--replot", action="store_true", help="rewrite the section from results/switch.json")
     args = ap.parse_args()
     res = json.loads((HERE / "results" / "switch.json").read_text()) if args.replot else measure(args)
