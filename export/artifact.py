@@ -119,6 +119,17 @@ def check_variant_claim(v: VariantSpec) -> None:
                          f"{'method ' + recorded if recorded else 'no method'}: name the variant after what made it")
 
 
+def _refuse_multimodal(path: Path, role: str) -> None:
+    """A checkpoint of a multimodal wrapper (LLaVA) has no decoder graph here (optimum traces
+    causal LMs; the vision tower and projector have no ONNX path): one line, read from its
+    config.json before any checkpoint is loaded."""
+    from otaro.arch.multimodal import refuse_multimodal
+    from otaro.sources import model_type_of
+
+    refuse_multimodal(model_type_of(path), "otaro export", f"the {role} {path} is one, and the exported graph is a "
+                      "causal LM's (no vision tower or projector); `otaro eval` evaluates the checkpoint")
+
+
 def _load_checkpoint(path: Path, role: str):
     from otaro import checkpoint
 
@@ -243,6 +254,9 @@ class _Exporter:
             raise OtaroError(f"unknown graph {cfg.graph!r}: choose one of {list(GRAPHS)}")
         check_writable_output(cfg.output)
         self.specs = parse_variants(cfg.variants)
+        for path, role in [(cfg.checkpoint, "checkpoint")] + [(v.source, "variant source") for v in self.specs
+                                                              if v.source is not None]:
+            _refuse_multimodal(path, role)  # before any checkpoint is loaded
         for v in self.specs:  # names tell the truth: refused before any checkpoint is loaded
             if v.kind == "int" and v.name:
                 check_variant_claim(v)

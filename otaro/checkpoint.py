@@ -197,7 +197,9 @@ def format_of(manifest: dict[str, Any]) -> Format:
 
 def _build_skeleton(path: Path, manifest: dict, fmt: Format, dtype: torch.dtype):
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from otaro.arch.multimodal import model_from_config
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
@@ -205,11 +207,13 @@ def _build_skeleton(path: Path, manifest: dict, fmt: Format, dtype: torch.dtype)
         raise CheckpointError(f"{path}/config.json cannot be read: {e}") from None
     if config.model_type != manifest["model_type"]:
         raise CheckpointError(f"config.json says {config.model_type!r} but the manifest says {manifest['model_type']!r}")
-    adapter = get_adapter(config)
     # Parameters on the meta device (no random init of a big model); buffers such as rotary
-    # tables stay real because they are not in the checkpoint.
+    # tables stay real because they are not in the checkpoint. The class is the one the source
+    # loaded as (a causal LM, or a multimodal wrapper such as LLaVA: otaro.arch.multimodal),
+    # after checking the architecture is supported.
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+        model = model_from_config(config, dtype)
+    adapter = get_adapter(model)
     cls = LINEAR_CLASSES[fmt.family]
     names = []
     for name, spec in manifest["layers"].items():

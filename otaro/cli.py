@@ -252,7 +252,9 @@ def formats(family, as_json):
 @click.option("--qslaw-seq-len", "qslaw_seq_len", default=256, show_default=True, help="qslaw: tokens per row.")
 @click.option("--qslaw-projector", "qslaw_projector", type=click.Choice(["auto", "train", "freeze"]), default="auto",
               show_default=True,
-              help="qslaw on a multimodal model: train its projector with the scales (auto: if it has one).")
+              help="qslaw on a multimodal model (a LLaVA folder): train its projector with the scales on image rows "
+                   "(auto: if it has one and the data have images; the text data read here never run it, so it "
+                   "stays frozen).")
 # Block reconstruction's options (sb/la/mb/lsi) also reach QuantizeConfig by name, through the same
 # keyword catch-all; None = the method's own default, which the manifest then records.
 @click.option("--recon-blocks", "recon_blocks", type=int, default=None,

@@ -74,7 +74,7 @@ class QuantizeConfig:
     qslaw_lr: float = 1e-3  # peak Adam learning rate (3 % linear warm-up, then cosine)
     qslaw_batch_size: int = 4  # rows per step (task + generic)
     qslaw_seq_len: int = 256  # tokens per row
-    qslaw_projector: str = "auto"  # multimodal projector: auto (train if the model has one), train, freeze
+    qslaw_projector: str = "auto"  # multimodal projector: auto (train it on image rows), train, freeze
     # Block reconstruction: sb/la/mb (SignRound, seed 001) and lsi (seed 004), otaro.methods.recon;
     # None = the method's default (recon.settings.DEFAULTS), resolved here so the manifest has it.
     # Other methods refuse these when changed from the default.
@@ -203,12 +203,33 @@ def warn_untargeted_top(config: QuantizeConfig, fmt, method) -> bool:
     return True
 
 
+def check_multimodal(config: QuantizeConfig, model_type: str | None) -> None:
+    """A multimodal wrapper (LLaVA, ``otaro.arch.multimodal``) is quantized by the methods that
+    handle it (``MULTIMODAL_METHODS``: the language model's linears, the vision tower and the
+    projector kept float) into an otaro checkpoint; anything else is one OtaroError line. A
+    no-op for a text model (``model_type`` None: a tiny model or an alias)."""
+    from otaro.arch.multimodal import MULTIMODAL_METHODS, refuse_multimodal
+    from otaro.methods import get_method
+
+    if model_type is None:
+        return
+    if config.method not in MULTIMODAL_METHODS:
+        why = "its task LoRA adapters name a text model's layers" if get_method(config.method).multi_task else \
+            "it is not checked on their layout"
+        refuse_multimodal(model_type, f"--method {config.method}",
+                          f"{why}; use one of {', '.join(MULTIMODAL_METHODS)}")
+    if config.save_format != "otaro":
+        refuse_multimodal(model_type, f"--save-format {config.save_format}",
+                          "its GPTQ/AWQ folders hold causal LMs only; write an otaro checkpoint (--save-format otaro)")
+
+
 def quantize(config: QuantizeConfig, progress=None) -> Path:
     """Run the method and save the checkpoint; returns the output folder."""
     from otaro.methods import get_method
     from otaro.io import check_writable_output
-    from otaro.sources import load_source
+    from otaro.sources import load_source, max_positions, model_type_of
 
+    check_multimodal(config, model_type_of(config.model))  # read from config.json, before any weight loads
     check_writable_output(config.output)  # a read-only or blocked output fails now, not after the work
     src = load_source(config.model)
     if src.kind == "checkpoint":
@@ -225,7 +246,7 @@ def quantize(config: QuantizeConfig, progress=None) -> Path:
 
         # Built (and checked: enough tokens, length within the model's positions) before any
         # layer is touched.
-        max_pos = getattr(src.model.config, "max_position_embeddings", None)
+        max_pos = max_positions(src.model.config)
         if method.multi_task:  # task name -> its windows
             calibration = {t.name: calibration_windows(src.tokenizer, t.data, config.calib_samples, config.calib_len,
                                                        seed=config.calib_seed, max_positions=max_pos)

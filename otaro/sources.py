@@ -45,10 +45,11 @@ def _checkpoint(spec: str, dtype) -> Source | None:
 
 
 def load_hf_folder(path: Path, dtype) -> Any:
-    """Load a local transformers causal LM after checking its architecture is supported."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Load a local transformers model after checking its architecture is supported: a causal
+    LM, or a multimodal wrapper (LLaVA) as its own class (``otaro.arch.multimodal.model_class``)."""
+    from transformers import AutoConfig
 
-    from otaro.arch import get_adapter
+    from otaro.arch.multimodal import model_class
 
     if not (path / "config.json").is_file():
         raise OtaroError(f"{path} is not a Hugging Face model folder (no config.json)")
@@ -56,16 +57,30 @@ def load_hf_folder(path: Path, dtype) -> Any:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - a broken config is the user's file: one line
         raise OtaroError(f"{path}/config.json cannot be read: {str(e).splitlines()[0]}") from None
-    get_adapter(config)  # unsupported architecture: fail before loading any weights
+    cls = model_class(config)  # unsupported architecture: fail before loading any weights
     if not any(path.glob("*.safetensors")):
         raise OtaroError(f"{path} has no .safetensors weights (otaro loads safetensors only, never pickle)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = cls.from_pretrained(
             path, dtype=dtype, local_files_only=True, trust_remote_code=False, use_safetensors=True
         )
     except Exception as e:  # noqa: BLE001
         raise OtaroError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
     return model.eval()
+
+
+def model_type_of(spec: str) -> str | None:
+    """The ``model_type`` a folder's config.json names (a Hugging Face folder or an otaro
+    checkpoint), read without loading anything; None when there is none to read (a tiny model,
+    an alias, a missing or broken file: the loaders then say what is wrong)."""
+    import json
+
+    try:
+        config = json.loads((Path(spec) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return model_type if isinstance(model_type, str) else None
 
 
 def _load_tokenizer(path: Path):
@@ -119,8 +134,16 @@ def fit_seq_len(requested: int | None, model_config, preferred: int = DEFAULT_SE
     positions, so the defaults work on a model with a short context (the tiny ones allow 256)."""
     if requested is not None:
         return requested
-    max_pos = getattr(model_config, "max_position_embeddings", None)
-    return min(preferred, int(max_pos)) if max_pos else preferred
+    max_pos = max_positions(model_config)
+    return min(preferred, max_pos) if max_pos else preferred
+
+
+def max_positions(model_config) -> int | None:
+    """The model's maximum positions (a multimodal wrapper's: its language model's), or None."""
+    from otaro.arch.multimodal import text_config
+
+    max_pos = getattr(text_config(model_config), "max_position_embeddings", None)
+    return int(max_pos) if max_pos else None
 
 
 def load_source(spec: str, dtype: torch.dtype = torch.float32) -> Source:

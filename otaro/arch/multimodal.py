@@ -7,9 +7,15 @@ layer path and the name prefix moved: ``convert``, ``set_precision`` and the met
 work on it unchanged, and only the language model's linears are quantized (the vision tower
 and the projector stay float).
 
-Only *model instances* resolve here (``get_adapter`` asks after its own table misses): a
-LLaVA folder or config still gets "not supported" when otaro is asked to load one, because the
-loaders (``otaro.sources``, ``otaro.checkpoint``) build causal LMs only.
+Adapters resolve for *model instances* only (``get_adapter`` asks after its own table misses;
+the layer path depends on how the transformers release nests the text body). The loaders pick
+the class to build from the config: ``model_class(config)`` is the wrapper's own class for a
+model_type in ``WRAPPERS`` (after checking that its language model is a supported architecture)
+and ``AutoModelForCausalLM`` otherwise, so a local LLaVA folder (``otaro.sources``) and a
+checkpoint written from one (``otaro.checkpoint``) load as ``LlavaForConditionalGeneration``.
+What cannot handle a wrapper refuses it up front with ``refuse_multimodal`` (one OtaroError
+line): the quantization methods other than ``MULTIMODAL_METHODS``, ``--save-format hf``,
+``otaro finetune`` and ``otaro export`` (docs/DESIGN.md §7.21).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ class Wrapper:
     """Where a multimodal model keeps its parts (dotted paths from the top model)."""
 
     model_type: str
+    model_class: str  # the transformers class the loaders build (``transformers.<model_class>``)
     language: tuple[str, ...]  # candidate paths of the text body (transformers moved it in 4.52)
     projector: tuple[str, ...]
     vision: tuple[str, ...]
@@ -31,7 +38,7 @@ class Wrapper:
 WRAPPERS: dict[str, Wrapper] = {
     w.model_type: w
     for w in (
-        Wrapper("llava", ("model.language_model", "language_model.model"),
+        Wrapper("llava", "LlavaForConditionalGeneration", ("model.language_model", "language_model.model"),
                 ("model.multi_modal_projector", "multi_modal_projector"),
                 ("model.vision_tower", "vision_tower")),
     )
@@ -101,3 +108,70 @@ def tiny_llava_config(text_arch: str = "llama"):
     return LlavaConfig(vision_config=vision, text_config=text, image_token_index=text.vocab_size - 1,
                        vision_feature_layer=-1, vision_feature_select_strategy="default",
                        tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading (otaro.sources, otaro.checkpoint) and what refuses a wrapper
+# --------------------------------------------------------------------------------------------
+
+
+def is_multimodal(model_or_config) -> bool:
+    """Whether a model, a config or a ``model_type`` string is one of the ``WRAPPERS``."""
+    if isinstance(model_or_config, str):
+        return model_or_config in WRAPPERS
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "model_type", None) in WRAPPERS
+
+
+def text_config(config):
+    """The language model's config of a wrapper config (its ``text_config``), else ``config``
+    itself: where the maximum positions and the vocabulary are."""
+    inner = getattr(config, "text_config", None) if is_multimodal(config) else None
+    return config if inner is None else inner
+
+
+def model_class(config):
+    """The transformers class that builds ``config``'s model, after checking otaro supports it
+    (so an unsupported architecture fails before any weight is read): a wrapper's own class
+    (``Wrapper.model_class``) when its language model has an adapter, else AutoModelForCausalLM
+    when ``config`` has one. Raises UnsupportedArchitecture (an OtaroError) otherwise."""
+    import transformers
+
+    from otaro.arch import get_adapter
+    from otaro.errors import UnsupportedArchitecture
+
+    wrapper = WRAPPERS.get(getattr(config, "model_type", None))
+    if wrapper is None:
+        get_adapter(config)
+        return transformers.AutoModelForCausalLM
+    text = getattr(config, "text_config", None)
+    try:
+        get_adapter(text)
+    except UnsupportedArchitecture as e:
+        raise UnsupportedArchitecture(f"the language model of this {wrapper.model_type} model: {e}") from None
+    return getattr(transformers, wrapper.model_class)
+
+
+def model_from_config(config, dtype):
+    """``model_class(config)`` built from ``config`` (random or, under accelerate's
+    ``init_empty_weights``, meta parameters) in ``dtype``; no remote code."""
+    cls = model_class(config)
+    if hasattr(cls, "from_config"):  # an Auto class
+        return cls.from_config(config, dtype=dtype, trust_remote_code=False)
+    return cls._from_config(config, dtype=dtype)  # what the Auto classes call on the concrete class
+
+
+# Quantization methods measured to give the same codes on a wrapper's language model as on the
+# same text model alone, bit for bit: every single-task method (gptq and awq are tested in
+# tests/test_llava_cli.py). The multi-task ones read PEFT LoRA adapters of a text model, whose
+# layer names a wrapper's do not match.
+MULTIMODAL_METHODS = ("rtn", "mbrtn", "gptq", "awq", "qslaw", "sb", "la", "mb", "lsi")
+
+
+def refuse_multimodal(model_type: str | None, what: str, why: str) -> None:
+    """One OtaroError line: ``what`` does not handle a ``model_type`` wrapper (a no-op for a
+    text model)."""
+    from otaro.errors import OtaroError
+
+    if model_type in WRAPPERS:
+        raise OtaroError(f"{what} does not support {model_type} (multimodal) models: {why}")

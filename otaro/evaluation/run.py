@@ -101,7 +101,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict:
     from otaro.modules import convert, set_precision
     from otaro.progress import progress
     from otaro.quantize import resolve_head_bits
-    from otaro.sources import fit_seq_len, load_source
+    from otaro.sources import fit_seq_len, load_source, max_positions
     from otaro.tokens import leading_bos
 
     if cfg.threads:
@@ -110,7 +110,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> dict:
     src = load_source(cfg.model)
     if src.tokenizer is None:
         raise OtaroError(f"{cfg.model} has no tokenizer; evaluation needs one")
-    max_pos = getattr(src.model.config, "max_position_embeddings", None)
+    max_pos = max_positions(src.model.config)  # a multimodal wrapper's: its language model's
     seq_len = fit_seq_len(cfg.seq_len, src.model.config)
     if cfg.seq_len is None and leading_bos(src.tokenizer) is not None and max_pos and seq_len >= max_pos:
         seq_len = int(max_pos) - 1  # the default window leaves the model's BOS a position

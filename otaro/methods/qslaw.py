@@ -3,9 +3,11 @@
 The layers are RTN-coded first (the format's own ``convert``); the codes stay fixed and one
 factor per group scale (init 1, ``otaro.methods.qslaw_scales``) is trained on the causal-LM
 loss (next-token cross-entropy) of the task data, instead of LoRA. For a LLaVA model the
-multimodal projector trains too; the vision tower, the embeddings, the head, the norms and the
-biases stay frozen. After training the factors are folded into the stored scales, so the result
-is the packed layout ``convert`` writes, saved unchanged by ``otaro.checkpoint.save``.
+multimodal projector trains too when the rows have images (text rows never run it, so on the
+text data ``otaro quantize`` reads it stays as it is, and ``--qslaw-projector train`` is refused);
+the vision tower, the embeddings, the head, the norms and the biases stay frozen. After training
+the factors are folded into the stored scales, so the result is the packed layout ``convert``
+writes, saved unchanged by ``otaro.checkpoint.save``.
 
 * **Formats.** int: the factor multiplies each group's fp16 scale. ssfp: it multiplies the
   shared fp16 scale, so every derived bit-width b moves with it, and the loss is the multi-bit
@@ -217,11 +219,16 @@ def _loss_sum(model, batch: dict, device) -> torch.Tensor:
     return out.loss * _targets_of(batch)
 
 
-def _projector_params(model, parts, mode: str) -> list:
+def _projector_params(model, parts, mode: str, images: bool) -> list:
     if mode == "train" and parts is None:
         raise OtaroError(f"--qslaw-projector train: {type(model).__name__} is a text-only model with no multimodal "
                          "projector to train; drop the option")
     if parts is None or mode == "freeze":
+        return []
+    if not images:  # text rows never run the projector: it would get no gradient
+        if mode == "train":
+            raise OtaroError("--qslaw-projector train: the qslaw data has no images, so the projector never runs and "
+                             "gets no gradient; train it on image rows (the Python API) or drop the option")
         return []
     return list(model.get_submodule(parts.projector).named_parameters(prefix=parts.projector))
 
@@ -242,15 +249,16 @@ def qslaw(model, fmt, settings: QSLAWSettings, task, generic=None, progress=None
     if getattr(model, "otaro", None) is not None:
         raise OtaroError("model is already quantized; qslaw starts from the float model")
     parts = multimodal_parts(model)
-    projector = _projector_params(model, parts, settings.projector)
     task = _source(task, settings.seed, "task")
     generic = _source(generic, settings.seed + 1, "generic")
+    images = any(s is not None and s.has_images for s in (task, generic))
+    projector = _projector_params(model, parts, settings.projector, images)
     if task is None:
         raise OtaroError("qslaw needs task data: --qslaw-data SPEC")
     if settings.needs_generic and generic is None:
         raise OtaroError(f"qslaw mixes generic text 1:1 after the warmup (η = {settings.warmup} < "
                          f"{settings.steps} steps): give --qslaw-generic SPEC, or set --qslaw-warmup to the step count")
-    if parts is None and any(s is not None and s.has_images for s in (task, generic)):
+    if parts is None and images:
         raise OtaroError(f"the qslaw data has images but {type(model).__name__} is a text-only model")
     targets = _targets(fmt, settings)
     plan = mix_schedule(settings.steps, settings.warmup, settings.batch_size)
@@ -402,7 +410,9 @@ def check_qslaw_config(config, method) -> None:
 def read_qslaw_data(src, config) -> dict:
     """Both data sets as packed rows, tokenized with the model's tokenizer (before any work)."""
     settings = settings_of(config)
-    max_pos = getattr(src.model.config, "max_position_embeddings", None)
+    from otaro.sources import max_positions
+
+    max_pos = max_positions(src.model.config)  # a LLaVA's: its language model's
     rows = {"task": text_rows(src.tokenizer, config.qslaw_data, settings.seq_len, "task", max_pos)}
     if settings.needs_generic:
         rows["generic"] = text_rows(src.tokenizer, config.qslaw_generic, settings.seq_len, "generic", max_pos)

@@ -384,8 +384,14 @@ def _finetune(cfg: FinetuneConfig, show_progress: bool = True, stop_after: int |
     from otaro import checkpoint
     from otaro.io import write_json
     from otaro.progress import progress
+    from otaro.arch.multimodal import refuse_multimodal
+    from otaro.sources import model_type_of
     from otaro.training.report import JsonlLog, plot_training, read_log
 
+    # A LLaVA folder loads (otaro.sources), but the trainer's memory estimate, chunked loss and
+    # text windows are a causal LM's: refused from config.json, before any weight loads.
+    refuse_multimodal(model_type_of(cfg.model), "otaro finetune", "it trains causal LMs only "
+                      "(quantize it with --method qslaw, which trains its group scales on text)")
     run_dir = run_dir_for(cfg.output)
     _check_output(cfg, run_dir)
     run = _prepare(cfg, show_progress)
