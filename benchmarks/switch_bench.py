@@ -164,6 +164,8 @@ def markdown(res: dict) -> str:
     pb = {int(k): v for k, v in res["precision_bytes"].items()}
     budget = res["master_bytes"] + pb[8] + pb[4]  # the fixed part is inside the master's bytes (borrowed)
     ratio = ca["p50"] / fa["p50"]
+    derive = pct([cold[k]["derive_p50"] for k in cold], 0.5)  # medians over b of the per-b medians
+    sess = pct([cold[k]["session_p50"] for k in cold], 0.5)
     out += [
         "",
         f"Warm switch (the precision's session cached): p50 {w['p50'] * 1e6:.0f} µs, p95 {w['p95'] * 1e6:.0f} µs. "
@@ -182,7 +184,10 @@ def markdown(res: dict) -> str:
         "",
         "Against the goals (issue 12):",
         f"- cold switch ≤ 0.25× a per-bit file load: {ratio:.2f}× (p50 over b) {'✓' if ratio <= 0.25 else '✗'} — "
-        "most of it is onnxruntime's session creation (MatMulNBits prepacks its weights per session; docs/DESIGN.md §7.18);",
+        + (f"most of it is deriving and packing the codes (p50 {derive:.2f} s of the switch, session creation "
+           f"{sess:.2f} s), work a per-bit file has done before it is loaded; docs/DESIGN.md §7.18;" if derive > sess else
+           f"most of it is onnxruntime's session creation (p50 {sess:.2f} s; derive+pack {derive:.2f} s): MatMulNBits "
+           "prepacks its weights per session; docs/DESIGN.md §7.18;"),
         f"- warm switch ≤ 1 ms: p95 {w['p95'] * 1e3:.3f} ms {'✓' if w['p95'] <= 1e-3 else '✗'}; prewarmed p95 "
         f"{p['p95'] * 1e3:.3f} ms {'✓' if p['p95'] <= 1e-3 else '✗'};",
         f"- peak RSS of a switch ≤ master + two active precisions: {_mib(mem['peak'] - mem['base'])} vs {_mib(budget)} "
