@@ -204,20 +204,16 @@ def warn_untargeted_top(config: QuantizeConfig, fmt, method) -> bool:
 
 
 def check_multimodal(config: QuantizeConfig, model_type: str | None) -> None:
-    """A multimodal wrapper (LLaVA, ``otaro.arch.multimodal``) is quantized by the methods that
-    handle it (``MULTIMODAL_METHODS``: the language model's linears, the vision tower and the
-    projector kept float) into an otaro checkpoint; anything else is one OtaroError line. A
-    no-op for a text model (``model_type`` None: a tiny model or an alias)."""
-    from otaro.arch.multimodal import MULTIMODAL_METHODS, refuse_multimodal
+    """A multimodal wrapper (LLaVA, ``otaro.arch.multimodal``) is quantized by every single-task
+    method (the language model's linears; the vision tower and the projector kept float) into an
+    otaro checkpoint; the multi-task methods and HF layouts are one OtaroError line. A no-op for
+    a text model (``model_type`` None: a tiny model or an alias)."""
+    from otaro.arch.multimodal import refuse_multimodal
     from otaro.methods import get_method
 
-    if model_type is None:
-        return
-    if config.method not in MULTIMODAL_METHODS:
-        why = "its task LoRA adapters name a text model's layers" if get_method(config.method).multi_task else \
-            "it is not checked on their layout"
+    if get_method(config.method).multi_task:
         refuse_multimodal(model_type, f"--method {config.method}",
-                          f"{why}; use one of {', '.join(MULTIMODAL_METHODS)}")
+                          "its task LoRA adapters name a text model's layers; use a single-task method")
     if config.save_format != "otaro":
         refuse_multimodal(model_type, f"--save-format {config.save_format}",
                           "its GPTQ/AWQ folders hold causal LMs only; write an otaro checkpoint (--save-format otaro)")

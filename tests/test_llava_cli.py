@@ -163,7 +163,7 @@ def test_eval_scores_a_llava_checkpoint_against_its_source(runs, text, tmp_path)
 ])
 def test_calibrated_methods_quantize_the_language_model_as_the_text_model_alone(folder, text, tmp_path, method, fmt,
                                                                                 options):
-    """Why these methods are in MULTIMODAL_METHODS: the codes equal those of the same text model
+    """Why the single-task methods are allowed: the codes equal those of the same text model
     saved on its own (the language model + the head, as a LlamaForCausalLM folder)."""
     from transformers import AutoModelForCausalLM
 

@@ -14,7 +14,7 @@ model_type in ``WRAPPERS`` (after checking that its language model is a supporte
 and ``AutoModelForCausalLM`` otherwise, so a local LLaVA folder (``otaro.sources``) and a
 checkpoint written from one (``otaro.checkpoint``) load as ``LlavaForConditionalGeneration``.
 What cannot handle a wrapper refuses it up front with ``refuse_multimodal`` (one OtaroError
-line): the quantization methods other than ``MULTIMODAL_METHODS``, ``--save-format hf``,
+line): the multi-task quantization methods, ``--save-format hf``,
 ``otaro finetune`` and ``otaro export`` (docs/DESIGN.md §7.21).
 """
 
@@ -159,13 +159,6 @@ def model_from_config(config, dtype):
     if hasattr(cls, "from_config"):  # an Auto class
         return cls.from_config(config, dtype=dtype, trust_remote_code=False)
     return cls._from_config(config, dtype=dtype)  # what the Auto classes call on the concrete class
-
-
-# Quantization methods measured to give the same codes on a wrapper's language model as on the
-# same text model alone, bit for bit: every single-task method (gptq and awq are tested in
-# tests/test_llava_cli.py). The multi-task ones read PEFT LoRA adapters of a text model, whose
-# layer names a wrapper's do not match.
-MULTIMODAL_METHODS = ("rtn", "mbrtn", "gptq", "awq", "qslaw", "sb", "la", "mb", "lsi")
 
 
 def refuse_multimodal(model_type: str | None, what: str, why: str) -> None:
