@@ -6,6 +6,13 @@ The graph contract is optimum's (and onnxruntime-genai's defaults): inputs ``inp
 The exporter's validation, the tests and :mod:`otaro.runtime` all drive models through this.
 A :class:`Batch` runs several prompts of different lengths at once, left-padded.
 
+A GroupQueryAttention graph (``otaro.padding = right``: the fused graph) keeps its KV cache in
+place: :class:`SharedKV` holds one buffer per past input, bound through IOBinding as both that
+past input and the matching present output, so onnxruntime writes each step's keys and values
+into the buffer (GroupQueryAttention's ``past_present_share_buffer`` mode, entered when the two
+share memory) instead of copying the whole cache into a new present and out to numpy every
+step: what onnxruntime-genai does. The buffers grow by doubling when a sequence outgrows them.
+
 A graph whose metadata carries ``otaro.recompute_past_after = N`` (LongRoPE: a sequence's
 rotary frequencies change once it is longer than N, so the keys cached before are stale) is
 re-run over every token, without the past, by the step that makes a sequence longer than N:
@@ -65,28 +72,91 @@ class DecoderIO:
                    tuple(n for n in inputs if n not in known), int(reset) if reset else None, padding == "right")
 
 
-class Decoder:
-    """Prefill + step-by-step decode with the KV cache held in numpy arrays."""
+class SharedKV:
+    """A KV cache that onnxruntime updates in place (GroupQueryAttention graphs): one buffer
+    ``[batch, kv_heads, capacity, head_dim]`` per past input, bound as that input and as its
+    present output. ``capacity`` only grows (doubling, in steps of ``STEP`` positions); the
+    positions a sequence holds are ``[:length]`` of each buffer."""
 
-    def __init__(self, session, extra_feeds: dict[str, np.ndarray] | None = None):
+    STEP = 256  # positions added at a time, at least: one reallocation per 256 decode steps at worst
+
+    def __init__(self, io: DecoderIO, batch: int):
+        self.io, self.batch, self.capacity, self.length = io, batch, 0, 0
+        self.buffers: dict[str, np.ndarray] = {}
+        self.values: dict[str, object] = {}  # OrtValues over self.buffers (same memory)
+
+    def reserve(self, total: int) -> None:
+        """Room for ``total`` positions; existing contents are kept."""
+        if total <= self.capacity:
+            return
+        import onnxruntime as ort
+
+        cap = max(total, 2 * self.capacity)
+        cap = -(-cap // self.STEP) * self.STEP
+        for n, (h, d) in self.io.kv_shape.items():
+            buf = np.zeros((self.batch, h, cap, d), self.io.kv_dtype)
+            if n in self.buffers:
+                buf[:, :, :self.capacity] = self.buffers[n]
+            self.buffers[n] = buf
+            self.values[n] = ort.OrtValue.ortvalue_from_numpy(buf)
+        self.capacity = cap
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The cache as the numpy path holds it: ``[batch, kv_heads, length, head_dim]`` views."""
+        return {n: b[:, :, :self.length] for n, b in self.buffers.items()}
+
+
+class Decoder:
+    """Prefill + step-by-step decode. The KV cache is a dict of numpy arrays (fed in, read back
+    every step) or, on a GroupQueryAttention graph, a :class:`SharedKV` updated in place."""
+
+    def __init__(self, session, extra_feeds: dict[str, np.ndarray] | None = None, shared_kv: bool | None = None):
         self.session = session
         self.io = DecoderIO.of(session)
         self.extra_feeds = dict(extra_feeds or {})
         self._outputs = ["logits", *self.io.present_names]
+        # None: in place where the graph is GroupQueryAttention's (right padding says so).
+        self.shared_kv = self.io.right_padding and bool(self.io.past_names) if shared_kv is None else shared_kv
 
-    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+    def empty_past(self, batch: int) -> dict[str, np.ndarray] | SharedKV:
+        if self.shared_kv:
+            return SharedKV(self.io, batch)
         return {n: np.zeros((batch, h, 0, d), self.io.kv_dtype) for n, (h, d) in self.io.kv_shape.items()}
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-                past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One run: ``input_ids`` [B, T] new tokens, ``attention_mask`` [B, past + T]."""
-        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
-                 **past, **self.extra_feeds}
+    def _feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": np.ascontiguousarray(input_ids, np.int64),
+                 "attention_mask": np.ascontiguousarray(attention_mask, np.int64), **self.extra_feeds}
         if self.io.has_position_ids:
             # Left padding is allowed: a position counts the real tokens before it.
             pos = np.cumsum(attention_mask, axis=1) - 1
-            feeds["position_ids"] = np.maximum(pos, 0)[:, -input_ids.shape[1]:].astype(np.int64)
-        out = self.session.run(self._outputs, feeds)
+            feeds["position_ids"] = np.ascontiguousarray(np.maximum(pos, 0)[:, -input_ids.shape[1]:], np.int64)
+        return feeds
+
+    def _forward_shared(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                        past: SharedKV) -> tuple[np.ndarray, SharedKV]:
+        total = attention_mask.shape[1]
+        if input_ids.shape[0] != past.batch or total != past.length + input_ids.shape[1]:
+            raise ValueError(f"the cache holds {past.batch} row(s) of {past.length} positions; got "
+                             f"{input_ids.shape[0]} row(s) of {input_ids.shape[1]} new tokens and a mask of {total}")
+        past.reserve(total)
+        b = self.session.io_binding()
+        b.bind_output("logits")  # first: get_outputs()[0]
+        for name, value in self._feeds(input_ids, attention_mask).items():
+            b.bind_cpu_input(name, value)
+        for p, q in zip(self.io.past_names, self.io.present_names):
+            b.bind_ortvalue_input(p, past.values[p])
+            b.bind_ortvalue_output(q, past.values[p])
+        self.session.run_with_iobinding(b)
+        past.length = total
+        return b.get_outputs()[0].numpy(), past
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                past: dict[str, np.ndarray] | SharedKV) -> tuple[np.ndarray, dict[str, np.ndarray] | SharedKV]:
+        """One run: ``input_ids`` [B, T] new tokens, ``attention_mask`` [B, past + T]. A
+        :class:`SharedKV` past is updated in place and returned."""
+        if isinstance(past, SharedKV):
+            return self._forward_shared(input_ids, attention_mask, past)
+        out = self.session.run(self._outputs, {**self._feeds(input_ids, attention_mask), **past})
         return out[0], dict(zip(self.io.past_names, out[1:]))
 
     def extend(self, ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray],

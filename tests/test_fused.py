@@ -149,3 +149,55 @@ def test_missing_builder_is_a_clear_error(tmp_path, monkeypatch):
     assert export(ExportConfig(ck, tmp_path / "art3", validate=False))["graph"] == "traced"
     with pytest.raises(OtaroError, match="unknown graph"):
         export(ExportConfig(ck, tmp_path / "art4", validate=False, graph="fast"))
+
+
+def test_in_place_kv_cache_matches_the_numpy_hand_off(arts, monkeypatch):
+    """The fused graph's cache is updated in place (SharedKV, GroupQueryAttention's shared
+    buffer): same logits as feeding the past in and reading the presents back, bit for bit,
+    through a prefill, a multi-token extend, single steps, a batch and buffer growth."""
+    from otaro.runtime.decoder import SharedKV
+
+    _, out = arts
+    sess = ort.InferenceSession(str(out["fused"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    shared, plain = Decoder(sess), Decoder(sess, shared_kv=False)
+    assert shared.shared_kv and not plain.shared_kv
+    assert isinstance(shared.empty_past(1), SharedKV) and isinstance(plain.empty_past(1), dict)
+    monkeypatch.setattr(SharedKV, "STEP", 8)  # grow every few steps: the copy on growth is exercised
+    for dec in (shared, plain):
+        dec.run = []
+        ids = np.array([PROMPTS[2]], np.int64)
+        past = dec.empty_past(1)
+        logits, past = dec.forward(ids[:, :13], np.ones((1, 13), np.int64), past)  # prefill
+        dec.run.append(logits)
+        logits, past = dec.forward(ids[:, 13:], np.ones((1, ids.shape[1]), np.int64), past)  # extend by 8
+        dec.run.append(logits)
+        for step in range(12):  # past the capacity several times
+            tok = np.array([[int(logits[0, -1].argmax())]], np.int64)
+            total = ids.shape[1] + step + 1
+            logits, past = dec.forward(tok, np.ones((1, total), np.int64), past)
+            dec.run.append(logits)
+        dec.past = past
+    for a, b in zip(shared.run, plain.run):
+        np.testing.assert_array_equal(a, b)
+    assert shared.past.capacity >= shared.past.length == ids.shape[1] + 12
+    for name, arr in shared.past.arrays().items():
+        np.testing.assert_array_equal(arr, plain.past[name])
+    # a right-padded batch, several steps
+    got = {}
+    for dec in (shared, plain):
+        bt = Batch(dec, PROMPTS, pad_id=0)
+        rows = [bt.prefill()]
+        for _ in range(5):
+            rows.append(bt.step(rows[-1].argmax(-1)))
+        got[dec is shared] = rows
+    for a, b in zip(got[True], got[False]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_in_place_kv_cache_refuses_a_mismatched_step(arts):
+    _, out = arts
+    dec = Decoder(ort.InferenceSession(str(out["fused"] / "model.onnx"), providers=["CPUExecutionProvider"]))
+    past = dec.empty_past(1)
+    _, past = dec.forward(np.array([[3, 4, 5]], np.int64), np.ones((1, 3), np.int64), past)
+    with pytest.raises(ValueError, match="holds 1 row"):  # a mask that skips a position
+        dec.forward(np.array([[6]], np.int64), np.ones((1, 5), np.int64), past)
