@@ -201,3 +201,40 @@ def test_in_place_kv_cache_refuses_a_mismatched_step(arts):
     _, past = dec.forward(np.array([[3, 4, 5]], np.int64), np.ones((1, 3), np.int64), past)
     with pytest.raises(ValueError, match="holds 1 row"):  # a mask that skips a position
         dec.forward(np.array([[6]], np.int64), np.ones((1, 5), np.int64), past)
+
+
+@pytest.mark.parametrize("graph", ["fused", "traced"])
+def test_sibling_layers_run_as_one_matmulnbits_with_the_same_numbers(arts, graph):
+    """q/k/v and gate/up read the same activation: the runtime stacks their packed weights
+    along N into one MatMulNBits (a Concat of q/k/v disappears; elsewhere a Split hands the
+    outputs back). Every output column is its own dot product: logits are bit-identical."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from otaro.runtime.switch import build_model, sibling_groups
+
+    _, out = arts
+    rt = Runtime.load(out[graph], threads=1, accuracy_level=4)
+    master = rt.master
+    with ThreadPoolExecutor(2) as pool:
+        for b, acc in ((4, 4), (2, 1), (8, 4)):
+            p = master.uniform(b)
+            plan = {n: (bits, rt.backend.container_for(master.fmt.code_bits(bits)))
+                    for n, bits in zip(master.layers, p.bits)}
+            groups = sibling_groups(master.proto.graph, master, plan)
+            assert sorted(len(g) for g in groups) == [2, 2, 3, 3]  # per layer: gate/up, q/k/v
+            models = {fs: build_model(master, p, rt.backend.container_for, acc, pool, fuse_siblings=fs) for fs in (0, 1)}
+            ops_ = {fs: collections.Counter(n.op_type for n in onnx.load_from_string(m.model).graph.node)
+                    for fs, m in models.items()}
+            layers = len(master.layers)
+            assert ops_[0]["MatMulNBits"] == layers and ops_[1]["MatMulNBits"] == layers - 6
+            if graph == "fused":  # q/k/v feed the Concat GroupQueryAttention reads: it goes
+                assert ops_[1]["Concat"] == ops_[0]["Concat"] - 2 and ops_[1]["Split"] == 2
+            else:
+                assert ops_[1]["Split"] == ops_[0]["Split"] + 4
+            got = []
+            for m in models.values():
+                from otaro.runtime.backends import create_session
+
+                sess, keep = create_session(rt.backend, m.model, m.files, m.shared, threads=1)
+                got.append(Decoder(sess).prompt_logits(PROMPTS[0]))
+            np.testing.assert_array_equal(got[0], got[1])
