@@ -83,7 +83,9 @@ def genai_config(config: dict, graph: onnx.GraphProto, filename: str = "model.on
             "do_sample": False,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            # GroupQueryAttention (the fused graph) updates a max_length cache in place, as the
+            # runtime's SharedKV does; the traced graph's Concat attention cannot.
+            "past_present_share_buffer": any(n.op_type == "GroupQueryAttention" for n in graph.node),
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,

@@ -238,9 +238,11 @@ def _code_table(fmt: SEFPFormat, bits: int, container: int) -> np.ndarray:
     return (derive_codes(m8, bits, fmt) + 2 ** (container - 1)).astype(np.uint8)
 
 
-def pack_layer(layer: StoredLayer, fmt: SEFPFormat, bits: int, container: int) -> tuple[np.ndarray, np.ndarray]:
+def pack_layer(layer: StoredLayer, fmt: SEFPFormat, bits: int, container: int,
+               out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(B uint8 [N, blocks, G*c/8], scales float32 [N, blocks]) of one layer at ``bits``: the same
-    bytes as :func:`otaro.formats.pack.sefp_to_matmulnbits`, vectorised from the [K, N] layout."""
+    bytes as :func:`otaro.formats.pack.sefp_to_matmulnbits`, vectorised from the [K, N] layout.
+    ``out``: arrays of those shapes to write into (rows of a sibling group's stacked weights)."""
     G, K, N = fmt.group_size, layer.K, layer.N
     blocks = -(-K // G)
     # Gather and pack along K in the stored [K, N] layout (contiguous rows), then one transpose
@@ -253,10 +255,13 @@ def pack_layer(layer: StoredLayer, fmt: SEFPFormat, bits: int, container: int) -
     packed = u[0::per]
     for j in range(1, per):  # at most 3 whole-array steps (2-bit container)
         packed = packed | (u[j::per] << np.uint8(j * container))
-    packed = np.ascontiguousarray(packed.T)
     # scale at b = scale8 * 2^(8-b): a power of two, exact in fp32 (onnx_ops' function does the same).
-    scales = np.ascontiguousarray((layer.scale8 * np.float32(2.0 ** (TOP_BITS - bits))).T)
-    return packed.reshape(N, blocks, G * container // 8), scales
+    scales = (layer.scale8 * np.float32(2.0 ** (TOP_BITS - bits))).T
+    if out is None:
+        return np.ascontiguousarray(packed.T).reshape(N, blocks, G * container // 8), np.ascontiguousarray(scales)
+    out[0].reshape(N, -1)[...] = packed.T
+    out[1][...] = scales
+    return out
 
 
 # --------------------------------------------------------------------------- build a model
@@ -294,10 +299,11 @@ def sibling_groups(graph: onnx.GraphProto, master: "Master", plan: Mapping[str, 
     return [sorted(v, key=lambda n: master.layers[n].node) for v in by_key.values() if len(v) > 1]
 
 
-def _fuse_siblings(g: onnx.GraphProto, group: list[str], master: "Master", packed: dict, plan: Mapping,
+def _fuse_siblings(g: onnx.GraphProto, group: list[str], master: "Master", stacked: tuple, plan: Mapping,
                    accuracy_level: int, fmt: SEFPFormat, files: dict, add: list,
                    readers: Mapping[str, list[int]]) -> tuple[set[int], dict[int, list]]:
-    """One MatMulNBits for ``group`` (see :func:`sibling_groups`): its weights stacked along N.
+    """One MatMulNBits for ``group`` (see :func:`sibling_groups`): ``stacked`` = its packed
+    weights and scales stacked along N.
     Where the siblings' outputs only feed one Concat on the last axis in the same order (the
     fused graph's q/k/v), the packed node produces the Concat's output; elsewhere a Split gives
     each sibling its output back. Returns (node indices to drop, index -> nodes to put there)."""
@@ -305,8 +311,7 @@ def _fuse_siblings(g: onnx.GraphProto, group: list[str], master: "Master", packe
     nodes = [g.node[l.node] for l in layers]
     outs = [n.output[0] for n in nodes]
     bits, c = plan[group[0]]
-    B = np.concatenate([packed[n][0] for n in group])
-    scales = np.concatenate([packed[n][1] for n in group])
+    B, scales = stacked  # packed by pack_layer into their rows
     name = group[0] + ".siblings"
     for suffix, arr in (("qweight", B), ("scales", scales)):
         loc = f"otaro-{len(files)}.bin"
@@ -346,8 +351,20 @@ def build_model(master: Master, precision: Precision, containers: Callable[[int]
     fmt = master.fmt
     names = list(master.layers)
     plan = {n: (b, containers(fmt.code_bits(b))) for n, b in zip(names, precision.bits)}
+    groups = sibling_groups(master.proto.graph, master, plan) if fuse_siblings else []
+    stacked, dest = [], {}  # a group's layers are packed straight into their rows of one array
+    for grp in groups:
+        c, G = plan[grp[0]][1], fmt.group_size
+        blocks = -(-master.layers[grp[0]].K // G)
+        N = [master.layers[n].N for n in grp]
+        B = np.empty((sum(N), blocks, G * c // 8), np.uint8)
+        S = np.empty((sum(N), blocks), np.float32)
+        stacked.append((B, S))
+        for n, lo, hi in zip(grp, np.cumsum([0] + N[:-1]), np.cumsum(N)):
+            dest[n] = (B[lo:hi], S[lo:hi])
     packed = dict(zip(names, pool.map(
-        lambda n: pack_layer(master.layers[n], fmt, plan[n][0], plan[n][1]) if plan[n][1] else None, names)))
+        lambda n: pack_layer(master.layers[n], fmt, plan[n][0], plan[n][1], dest.get(n)) if plan[n][1] else None,
+        names)))
 
     proto = onnx.ModelProto()
     proto.CopyFrom(master.proto)  # graph only: every big tensor is an external reference
@@ -356,7 +373,6 @@ def build_model(master: Master, precision: Precision, containers: Callable[[int]
     drop: set[str] = set()
     add: list[TensorProto] = []
     kept_bits: set[int] = set()
-    groups = sibling_groups(g, master, plan) if fuse_siblings else []
     in_group = {n for grp in groups for n in grp}
     drop_nodes: set[int] = set()
     put_nodes: dict[int, list] = {}
@@ -365,8 +381,8 @@ def build_model(master: Master, precision: Precision, containers: Callable[[int]
         for i, node in enumerate(g.node):
             for x in set(node.input):
                 readers.setdefault(x, []).append(i)
-    for grp in groups:
-        d, p = _fuse_siblings(g, grp, master, packed, plan, accuracy_level, fmt, files, add, readers)
+    for grp, arrays in zip(groups, stacked):
+        d, p = _fuse_siblings(g, grp, master, arrays, plan, accuracy_level, fmt, files, add, readers)
         drop_nodes |= d
         put_nodes.update(p)
         drop |= {f"{n}.{k}" for n in grp for k in ("mantissa", "scale8")}
