@@ -5,6 +5,9 @@ our checkpoints are quantized from after dequantizing):
   * otaro runtime, the one SEFP artifact of `benchmarks/head_bench.py` (8-bit SEFP head), at
     b = 2, 3, 4, 8, switched in place, exported with the fused graph (`--graph fused`,
     onnxruntime-genai's builder: the default for llama models);
+  * the same artifact at b = 4 and 8 run as the runtime did before issue 12's per-step work
+    (`otaro plain`: one MatMulNBits per layer, `Runtime.load(fuse_siblings=False)`, and the KV
+    cache handed to numpy and back every step, `Decoder(shared_kv=False)`), to show that work's gain;
   * the same checkpoint exported with the optimum trace (`--graph traced`) at b = 4 and 8;
   * llama.cpp `llama-bench` on Q4_0, Q4_1 (the shipped file), Q8_0 and F32 GGUFs (made with
     `llama-quantize --allow-requantize`; llama.cpp built by `benchmarks/llamacpp.py`);
@@ -40,6 +43,7 @@ from results_md import publish  # noqa: E402
 
 OTARO_BITS = (2, 3, 4, 8)
 TRACED_BITS = (4, 8)  # the optimum-traced graph of the same checkpoint, for the fused graph's gain
+PLAIN_BITS = (4, 8)  # the same artifact without sibling fusion and in-place KV, for their gain
 GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0", "F32")
 SOURCE_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CTX, NEW, PROMPT = 128, 64, 128
@@ -136,10 +140,12 @@ _ORT_RSS = r"""
 import json, sys
 import numpy as np
 threads, kind, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-if kind == "otaro":
+if kind.startswith("otaro"):
     from otaro.runtime import Runtime
-    rt = Runtime.load(path, threads=threads, bits=int(sys.argv[4]), cache_bytes=0, verify=False, spin=sys.argv[5] == "1")
-    dec = rt.decoder
+    from otaro.runtime.decoder import Decoder
+    rt = Runtime.load(path, threads=threads, bits=int(sys.argv[4]), cache_bytes=0, verify=False, spin=sys.argv[5] == "1",
+                      fuse_siblings=kind != "otaro-plain")
+    dec = Decoder(rt.decoder.session, shared_kv=False) if kind == "otaro-plain" else rt.decoder
 else:
     import onnxruntime as ort
     from otaro.runtime.decoder import Decoder
@@ -191,6 +197,8 @@ def measure(args) -> dict:
     load0 = os.getloadavg()
     rt = Runtime.load(art, threads=args.threads, accuracy_level=4, cache_bytes=2 << 30, verify=False, spin=SPIN,
                       warm=list(OTARO_BITS))
+    rt_plain = Runtime.load(art, threads=args.threads, accuracy_level=4, cache_bytes=2 << 30, verify=False, spin=SPIN,
+                            warm=list(PLAIN_BITS), fuse_siblings=False)
     rt_traced = Runtime.load(traced_art, threads=args.threads, accuracy_level=4, cache_bytes=2 << 30, verify=False,
                              spin=SPIN, warm=list(TRACED_BITS))
     so = ort.SessionOptions()
@@ -200,6 +208,7 @@ def measure(args) -> dict:
     _, text = read_text("corpus:brown-eval")
     prompt = rt.encode(text[:20000])[:max(CTX, PROMPT)]
     engines = [(f"otaro b={b}", "otaro", b) for b in OTARO_BITS] + \
+              [(f"otaro plain b={b}", "otaro-plain", b) for b in PLAIN_BITS] + \
               [(f"otaro traced b={b}", "otaro-traced", b) for b in TRACED_BITS] + \
               [(f"llama.cpp {t}", "llama", t) for t in GGUF_TYPES] + [("fp32 ONNX (optimum)", "fp32", None)]
     got = {name: [] for name, _, _ in engines}
@@ -207,10 +216,11 @@ def measure(args) -> dict:
 
     def one(kind, arg):
         nonlocal build_commit
-        if kind in ("otaro", "otaro-traced"):
-            r = rt if kind == "otaro" else rt_traced
+        if kind in ("otaro", "otaro-traced", "otaro-plain"):
+            r = {"otaro": rt, "otaro-traced": rt_traced, "otaro-plain": rt_plain}[kind]
             r.set_precision(arg)
-            return ort_round(r.decoder, prompt)
+            dec = Decoder(r.decoder.session, shared_kv=False) if kind == "otaro-plain" else r.decoder
+            return ort_round(dec, prompt)
         if kind == "fp32":
             return ort_round(fp32_dec, prompt)
         r = llama_round(tools, files[arg], args.threads)
@@ -224,15 +234,15 @@ def measure(args) -> dict:
             got[name].append(one(kind, arg))
         print(f"round {i + 1}/{args.rounds}: " + ", ".join(f"{n} {got[n][-1]['decode_tps']:.0f}" for n in got),
               flush=True)
-    del rt, rt_traced, fp32_dec
+    del rt, rt_traced, rt_plain, fp32_dec
     rows = []
     for name, kind, arg in engines:
         rec = {"engine": name, "kind": kind, "bits": arg if kind.startswith("otaro") else None, "gguf": arg if kind == "llama" else None,
                "decode_tps": statistics.median(r["decode_tps"] for r in got[name]),
                "prefill_tps": statistics.median(r["prefill_tps"] for r in got[name])}
         if kind.startswith("otaro"):
-            a = art if kind == "otaro" else traced_art
-            rec["file_bytes"], rec["peak_rss"] = model_bytes(a), ort_rss(args.threads, "otaro", a, arg)
+            a = traced_art if kind == "otaro-traced" else art
+            rec["file_bytes"], rec["peak_rss"] = model_bytes(a), ort_rss(args.threads, kind, a, arg)
         elif kind == "fp32":
             rec["file_bytes"], rec["peak_rss"] = model_bytes(fp32.parent), ort_rss(args.threads, "fp32", fp32)
         else:
@@ -269,8 +279,12 @@ def markdown(res: dict) -> str:
         f"{res['new']} greedy tokens after {res['ctx']} tokens of context; prefill: a {res['prompt']}-token prompt. "
         "otaro: the one SEFP artifact (8-bit SEFP head, `--head-bits 8`, the default), switched in place, with the fused "
         "decoder graph (`otaro export --graph fused`, onnxruntime-genai's model builder: GroupQueryAttention; the "
-        "default for llama models); `otaro traced` is the same checkpoint exported with the optimum trace "
-        "(`--graph traced`). llama.cpp's Q4_0/Q8_0/F32 are requantized from the shipped Q4_1 file.",
+        "default for llama models), the KV cache updated in place (GroupQueryAttention's shared buffer), layers "
+        "that read the same activation (q/k/v, gate/up) run as one MatMulNBits, 2-bit layers through MLAS's "
+        "lookup-table kernel; `otaro plain` is the same artifact without those three (one MatMulNBits per layer, the "
+        "KV cache handed to numpy and back every step, as before); `otaro traced` is the same checkpoint exported "
+        "with the optimum trace (`--graph traced`). llama.cpp's Q4_0/Q8_0/F32 are requantized from the shipped Q4_1 "
+        "file.",
         "",
         "| engine | decode tok/s | ×llama.cpp Q4_0 | prefill tok/s | peak RSS MiB | file MiB |",
         "|---|---|---|---|---|---|",
@@ -293,6 +307,10 @@ def markdown(res: dict) -> str:
         f"- decode at b = 4 vs llama.cpp Q4_0: {b4 / q40:.2f}× (goal ≥ 1) {'✓' if b4 >= q40 else '✗'}; at b = 8 vs Q8_0: "
         f"{b8 / q80:.2f}× (goal ≥ 1) {'✓' if b8 >= q80 else '✗'}.",
         f"- b = 2 vs b = 4: {b2 / b4:.2f}× (goal ≥ 1.3×) {'✓' if b2 >= 1.3 * b4 else '✗'}.",
+        *([f"- this runtime against the plain one (in-place KV cache, fused siblings), same artifact: "
+           + ", ".join(f"b = {b} {rows[f'otaro b={b}']['decode_tps'] / rows[f'otaro plain b={b}']['decode_tps']:.2f}×"
+                       for b in PLAIN_BITS if f"otaro plain b={b}" in rows) + " decode."]
+          if any(f"otaro plain b={b}" in rows for b in PLAIN_BITS) else []),
         *([f"- the fused graph against the traced one, same weights: "
            + ", ".join(f"b = {b} {rows[f'otaro b={b}']['decode_tps'] / t:.2f}×" for b, t in traced.items())
            + " decode."] if traced else []),
@@ -309,7 +327,8 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = res["rows"]
-    colors = {"otaro": "tab:blue", "otaro-traced": "tab:cyan", "llama": "tab:orange", "fp32": "tab:gray"}
+    colors = {"otaro": "tab:blue", "otaro-plain": "tab:purple", "otaro-traced": "tab:cyan", "llama": "tab:orange",
+              "fp32": "tab:gray"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     names = [r["engine"] for r in rows]
     ax1.barh(names, [r["decode_tps"] for r in rows], color=[colors[r["kind"]] for r in rows])

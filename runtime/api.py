@@ -156,7 +156,8 @@ class Runtime:
     def load(cls, artifact: str | os.PathLike, device: str = "cpu", threads: int | None = None,
              accuracy_level: int | None = None, bits: PrecisionSpec | None = None,
              cache_bytes: int = DEFAULT_CACHE_BYTES, verify: bool = True,
-             warm: Sequence[PrecisionSpec] = (), spin: bool = True, profile: str | os.PathLike | None = None) -> "Runtime":
+             warm: Sequence[PrecisionSpec] = (), spin: bool = True, profile: str | os.PathLike | None = None,
+             fuse_siblings: bool = True) -> "Runtime":
         """Read the artifact once and build the session of ``bits`` (default: the artifact's).
 
         ``accuracy_level`` of every MatMulNBits (default: the artifact's; 4 = int8 activations,
@@ -167,7 +168,9 @@ class Runtime:
         threads wait passively instead of spinning (better on a machine shared with other work).
         ``profile``: a path prefix; every session built writes onnxruntime's profile (model runs
         and each node's kernel time) when :meth:`end_profiling` is called
-        (:func:`otaro.runtime.optrace.op_breakdown` sums it by op type)."""
+        (:func:`otaro.runtime.optrace.op_breakdown` sums it by op type). ``fuse_siblings=False``:
+        one MatMulNBits per layer instead of one per group of layers reading the same activation
+        (q/k/v, gate/up; the numbers are the same either way, the fused form is faster)."""
         import onnxruntime as ort
 
         root = Path(artifact)
@@ -184,7 +187,8 @@ class Runtime:
             profile = Path(profile)
             if not profile.parent.is_dir():
                 raise OtaroError(f"profile prefix {profile}: folder {profile.parent} does not exist")
-        backend = dataclasses.replace(backend, spin=bool(spin), profile=None if profile is None else str(profile))
+        backend = dataclasses.replace(backend, spin=bool(spin), profile=None if profile is None else str(profile),
+                                      fuse_siblings=bool(fuse_siblings))
         for files in (m["model"]["files"], m["files"]):
             (verify_files if verify else _check_sizes)(root, files)
         # Tokenizer files are artifact files: only those the manifest lists (and so checked
@@ -236,7 +240,7 @@ class Runtime:
         t0 = time.perf_counter()
         with ThreadPoolExecutor(self.threads or os.cpu_count() or 1) as pool:  # numpy frees the GIL
             built = build_model(self.master, Precision(bits, ""), self.backend.container_for,
-                                self.backend.accuracy_level, pool)
+                                self.backend.accuracy_level, pool, fuse_siblings=self.backend.fuse_siblings)
         t1 = time.perf_counter()
         try:
             session, borrowed = create_session(self.backend, built.model, built.files, built.shared, self.threads)

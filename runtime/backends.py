@@ -60,6 +60,9 @@ class BackendChoice:
     # chrome-trace JSON of model runs and per-node kernel times) to PREFIX_<timestamp>.json
     # when it ends (Runtime.end_profiling); None: no profiling, onnxruntime's default.
     profile: str | None = None
+    # Layers reading the same activation at the same bits (q/k/v, gate/up) run as one MatMulNBits
+    # (otaro.runtime.switch.sibling_groups); False keeps one node per layer (for comparison).
+    fuse_siblings: bool = True
 
     def container_for(self, code_bits: int) -> int | None:
         """Smallest container holding a signed ``code_bits``-bit code, or None (run dequantized)."""

@@ -43,7 +43,8 @@ def write_fixed_model(master, bits: int, backend, dest: Path, threads: int | Non
     from otaro.runtime.switch import build_model
 
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-        built = build_model(master, master.uniform(bits), backend.container_for, backend.accuracy_level, pool)
+        built = build_model(master, master.uniform(bits), backend.container_for, backend.accuracy_level, pool,
+                            fuse_siblings=backend.fuse_siblings)
     proto = onnx.ModelProto()
     proto.ParseFromString(built.model)
     _retie_heads(proto, built.shared, built.files)
