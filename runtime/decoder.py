@@ -84,6 +84,12 @@ class SharedKV:
         self.io, self.batch, self.capacity, self.length = io, batch, 0, 0
         self.buffers: dict[str, np.ndarray] = {}
         self.values: dict[str, object] = {}  # OrtValues over self.buffers (same memory)
+        # The IOBinding of the last run, kept across steps so the KV buffers are bound once per
+        # (session, capacity): rebinding 2 x layers OrtValues and reading them back as outputs
+        # cost ~0.15 ms per step on SmolLM2, ~2% of a decode step.
+        self._binding = None
+        self._bound: tuple[object, int] | None = None
+        self._logits: np.ndarray | None = None  # [batch, 1, vocab], written by each one-token step
 
     def reserve(self, total: int) -> None:
         """Room for ``total`` positions; existing contents are kept."""
@@ -115,6 +121,7 @@ class Decoder:
         self.io = DecoderIO.of(session)
         self.extra_feeds = dict(extra_feeds or {})
         self._outputs = ["logits", *self.io.present_names]
+        self._vocab = session.get_outputs()[0].shape[-1]  # an int, or a symbolic name
         # None: in place where the graph is GroupQueryAttention's (right padding says so).
         self.shared_kv = self.io.right_padding and bool(self.io.past_names) if shared_kv is None else shared_kv
 
@@ -139,16 +146,33 @@ class Decoder:
             raise ValueError(f"the cache holds {past.batch} row(s) of {past.length} positions; got "
                              f"{input_ids.shape[0]} row(s) of {input_ids.shape[1]} new tokens and a mask of {total}")
         past.reserve(total)
-        b = self.session.io_binding()
-        b.bind_output("logits")  # first: get_outputs()[0]
-        for name, value in self._feeds(input_ids, attention_mask).items():
+        b = past._binding
+        if b is None or past._bound != (self.session, past.capacity):
+            b = self.session.io_binding()
+            for p, q in zip(self.io.past_names, self.io.present_names):
+                b.bind_ortvalue_input(p, past.values[p])
+                b.bind_ortvalue_output(q, past.values[p])
+            past._binding, past._bound = b, (self.session, past.capacity)
+        feeds = self._feeds(input_ids, attention_mask)  # referenced until the run is done
+        for name, value in feeds.items():
             b.bind_cpu_input(name, value)
-        for p, q in zip(self.io.past_names, self.io.present_names):
-            b.bind_ortvalue_input(p, past.values[p])
-            b.bind_ortvalue_output(q, past.values[p])
+        vocab = self._vocab
+        if not isinstance(vocab, int):  # a symbolic vocabulary: onnxruntime allocates the logits
+            b.bind_output("logits")
+            self.session.run_with_iobinding(b)
+            past.length = total
+            return b.get_outputs()[0].numpy(), past
+        shape = (*input_ids.shape, vocab)
+        if shape[1] == 1:  # a decode step: onnxruntime writes into one buffer, reused
+            if past._logits is None or past._logits.shape != shape:
+                past._logits = np.empty(shape, np.float32)
+            out = past._logits
+        else:
+            out = np.empty(shape, np.float32)
+        b.bind_output("logits", "cpu", 0, np.float32, list(shape), out.ctypes.data)
         self.session.run_with_iobinding(b)
         past.length = total
-        return b.get_outputs()[0].numpy(), past
+        return (out.copy() if out is past._logits else out), past
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                 past: dict[str, np.ndarray] | SharedKV) -> tuple[np.ndarray, dict[str, np.ndarray] | SharedKV]:
