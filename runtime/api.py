@@ -36,6 +36,7 @@ from otaro.runtime.chat import ChatTemplate, ChatTemplateError, Messages, check_
 from otaro.runtime.decoder import Batch, Decoder
 from otaro.runtime.sampling import Sampler, SamplingConfig
 from otaro.runtime.switch import (Entry, Master, Precision, PrecisionSpec, SessionCache, SwitchReport, build_model,
+                                  release_freed_memory,
                                   resolve_precision)
 
 Prompt = Union[str, Messages, Sequence[int]]
@@ -281,7 +282,11 @@ class Runtime:
     def _activate(self, precision: Precision) -> SwitchReport:
         entry, report = self._cache.get(precision, pin=True)
         with self._lock:
+            before = self._active_entry
             self._active, self._active_entry, self._last_switch = precision, entry, report
+        if not report.cached and before is not None and before.bits not in self._cache.keys:
+            del before  # the last reference to an evicted session (unless a request holds it)
+            release_freed_memory()
         return report
 
     @contextlib.contextmanager
