@@ -1,9 +1,9 @@
 """Where a decode token goes in the otaro runtime, by onnxruntime op type (SmolLM2-135M).
 
-The runtime decodes 2.1-2.5x slower than llama.cpp on the same weights, and b = 2 is barely
-faster than b = 4 (RESULTS "engines"), while `otaro profile` fits ~9 ms per token that does not
-grow with the weight bytes. This script opens that fixed cost: it loads the head benchmark's
-artifact (RTN, the default SEFP format, 8-bit head; built there and reused) with
+Where the time of a decode step goes decides what to optimise next (issue 12 started with the
+runtime 2.1-2.5x slower than llama.cpp on the same weights, and b = 2 barely faster than b = 4).
+This script loads the head benchmark's artifact (RTN, the default SEFP format, 8-bit
+head, --graph fused by default; built there and reused) with
 ``Runtime.load(..., profile=)``, runs a 128-token prefill and --new greedy decode steps per b,
 and sums onnxruntime's per-node kernel times of the decode steps by op type
 (``otaro.runtime.optrace``). Reported per b: wall ms per step, the summed kernel ms, the time
@@ -13,6 +13,7 @@ the unprofiled decode of the engines benchmark; the shares are what this script 
 
 Writes benchmarks/results/decode_ops.json, decode_ops.png and the `decode_ops` section of
 benchmarks/RESULTS.md. Usage: python benchmarks/decode_ops.py [--threads N] [--new N] [--bits 2,4,8]
+[--graph fused|traced] [--artifact DIR]
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from results_md import publish  # noqa: E402
 
 # The weight matmuls and the ops that do the model's arithmetic; everything else a decode step
 # runs computes shapes, indices, masks or moves data (Shape, Gather, Unsqueeze, Concat, ...).
-COMPUTE_OPS = {"MatMulNBits", "MatMul", "FusedMatMul", "Softmax", "SimplifiedLayerNormalization",
+COMPUTE_OPS = {"MatMulNBits", "MatMul", "FusedMatMul", "Softmax", "SimplifiedLayerNormalization", "GroupQueryAttention",
                "SkipSimplifiedLayerNormalization", "QuickGelu", "Sigmoid", "Mul", "Add", "Div", "Neg",
                "Sqrt", "Pow", "ReduceMean", "Tanh", "Erf"}
 TOP = 12
@@ -76,7 +77,7 @@ def run(args) -> dict:
         if not (art / "otaro_artifact.json").is_file():
             raise OtaroError(f"{art} is not an otaro artifact (no otaro_artifact.json)")
     else:
-        _, art, _ = build("head 8", 8, work_dir(), args.threads)
+        _, art, _ = build("head 8", 8, work_dir(), args.threads, graph=args.graph)
     _, text = read_text("corpus:brown-eval")
     prompt = Tokenizer.from_file(str(art / "tokenizer.json")).encode(text[:4000]).ids[:128]
     t0 = time.perf_counter()
@@ -91,8 +92,8 @@ def run(args) -> dict:
                 f"(head {head.get('bits', 'float')}-bit)")
     except (OSError, ValueError, KeyError, TypeError):
         what = "artifact"
-    what = "the head benchmark's RTN artifact (8-bit head)" if not args.artifact else what
-    return {"artifact": what, "rows": rows, "threads": args.threads, "new": args.new, "prompt_tokens": len(prompt),
+    what = (f"the head benchmark's RTN artifact (8-bit head, {args.graph} graph)" if not args.artifact else what)
+    return {"artifact": what, "graph": None if args.artifact else args.graph, "rows": rows, "threads": args.threads, "new": args.new, "prompt_tokens": len(prompt),
             "seconds": time.perf_counter() - t0, "onnxruntime": ort.__version__,
             "machine": {k: m[k] for k in ("processor", "cpus", "python", "otaro") if k in m}}
 
@@ -111,8 +112,8 @@ def verdict(matmul_share: float) -> str:
                 "computes shapes, rotary and masks node by node; a fused decoder with GroupQueryAttention and "
                 "SkipSimplifiedLayerNormalization, as onnxruntime-genai's model builder emits, runs ~10 nodes per "
                 "layer), not the kernels.")
-    return ("The weight matmuls are most of a step here: faster MatMulNBits kernels (or fewer bytes) come "
-            "before graph fusion.")
+    return ("The weight matmuls are most of a step here: what is left is kernel speed and bytes per weight "
+            "(the 8-bit head is the same at every b), then the per-node cost of the rest.")
 
 
 def markdown(r: dict) -> str:
@@ -120,7 +121,8 @@ def markdown(r: dict) -> str:
     out = [
         "## Where a decode token goes: onnxruntime op types in the otaro runtime (`benchmarks/decode_ops.py`)",
         "",
-        f"Command: `python benchmarks/decode_ops.py --threads {r['threads']} --new {r['new']}`. Machine: "
+        f"Command: `python benchmarks/decode_ops.py --threads {r['threads']} --new {r['new']}"
+        f"{' --graph ' + r['graph'] if r.get('graph') else ''}`. Machine: "
         f"{m.get('processor')}, {m.get('cpus')} CPUs, onnxruntime {r['onnxruntime']}, {r['threads']} thread(s). "
         f"SmolLM2-135M, {r['artifact']}; a "
         f"{r['prompt_tokens']}-token prefill, then {r['new']} greedy steps profiled by onnxruntime "
@@ -191,6 +193,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new", type=int, default=64, help="profiled decode steps per b (default 64)")
     ap.add_argument("--bits", default="2,4,8")
+    ap.add_argument("--graph", choices=("fused", "traced"), default="fused",
+                    help="the default artifact's decoder graph (default fused: the runtime's default for llama)")
     ap.add_argument("--artifact", help="an otaro ONNX artifact of SmolLM2-135M (default: build the head benchmark's "
                                        "RTN artifact, 8-bit head, in the cache)")
     args = ap.parse_args()
