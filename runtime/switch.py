@@ -162,6 +162,7 @@ class Master:
         except Exception as e:  # protobuf raises its own DecodeError; any failure here is a bad file
             raise ArtifactError(f"{root / model['file']} is not a readable ONNX model ({e})") from None
         self.data = np.fromfile(root / self.data_name, dtype=np.uint8)
+        self.opset = next((o.version for o in self.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
         inits = {t.name: t for t in self.proto.graph.initializer}
         for t in inits.values():
             if t.data_location == TensorProto.EXTERNAL:
@@ -310,7 +311,7 @@ def _fuse_siblings(g: onnx.GraphProto, group: list[str], master: "Master", stack
     layers = [master.layers[n] for n in group]
     nodes = [g.node[l.node] for l in layers]
     outs = [n.output[0] for n in nodes]
-    bits, c = plan[group[0]]
+    c = plan[group[0]][1]
     B, scales = stacked  # packed by pack_layer into their rows
     name = group[0] + ".siblings"
     for suffix, arr in (("qweight", B), ("scales", scales)):
@@ -336,10 +337,13 @@ def _fuse_siblings(g: onnx.GraphProto, group: list[str], master: "Master", stack
     drop = {l.node for l in layers}
     if concat is not None:
         drop.add(concat)
-    else:
+    elif master.opset >= 13:  # Split's sizes are an input from opset 13 on, an attribute before
         sizes = f"{name}.split"
         add.append(numpy_helper.from_array(np.array([l.N for l in layers], np.int64), sizes))
         put.append(onnx.helper.make_node("Split", [y, sizes], outs, name=name + "/Split", axis=-1))
+    else:
+        put.append(onnx.helper.make_node("Split", [y], outs, name=name + "/Split", axis=-1,
+                                         split=[l.N for l in layers]))
     return drop, {layers[0].node: put}
 
 
@@ -467,9 +471,9 @@ def release_freed_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 
     Building a session allocates and frees hundreds of MiB of temporaries (our packed arrays,
-    onnxruntime's copy of them before it prepacks). glibc raises its mmap threshold after the
-    first large free, so later temporaries come from the heap, and freed heap pages stay in the
-    process: on SmolLM2 ~150 MiB of RSS after a few switches that nothing uses."""
+    onnxruntime's copy of them before it prepacks), much of it on onnxruntime's threads, and
+    glibc keeps what a thread's arena frees resident in the process: on SmolLM2 ~100-230 MiB of
+    RSS that nothing uses (docs/DESIGN.md §7.18)."""
     global _LIBC
     if _LIBC is None:
         try:
