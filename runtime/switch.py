@@ -162,7 +162,6 @@ class Master:
         except Exception as e:  # protobuf raises its own DecodeError; any failure here is a bad file
             raise ArtifactError(f"{root / model['file']} is not a readable ONNX model ({e})") from None
         self.data = np.fromfile(root / self.data_name, dtype=np.uint8)
-        self.opset = next((o.version for o in self.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
         inits = {t.name: t for t in self.proto.graph.initializer}
         for t in inits.values():
             if t.data_location == TensorProto.EXTERNAL:
@@ -337,13 +336,10 @@ def _fuse_siblings(g: onnx.GraphProto, group: list[str], master: "Master", stack
     drop = {l.node for l in layers}
     if concat is not None:
         drop.add(concat)
-    elif master.opset >= 13:  # Split's sizes are an input from opset 13 on, an attribute before
+    else:  # artifacts are opset 21 (ops.OPSET): Split takes its sizes as an input
         sizes = f"{name}.split"
         add.append(numpy_helper.from_array(np.array([l.N for l in layers], np.int64), sizes))
         put.append(onnx.helper.make_node("Split", [y, sizes], outs, name=name + "/Split", axis=-1))
-    else:
-        put.append(onnx.helper.make_node("Split", [y], outs, name=name + "/Split", axis=-1,
-                                         split=[l.N for l in layers]))
     return drop, {layers[0].node: put}
 
 
