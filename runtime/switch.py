@@ -238,6 +238,16 @@ def _code_table(fmt: SEFPFormat, bits: int, container: int) -> np.ndarray:
     return (derive_codes(m8, bits, fmt) + 2 ** (container - 1)).astype(np.uint8)
 
 
+_SIGN_FLIP = np.arange(256, dtype=np.uint8) ^ np.uint8(0x80)
+_STORED = np.arange(256) != 0x80  # every byte but -128, which is never stored
+
+
+def _is_sign_flip(table: np.ndarray) -> bool:
+    """True when the table maps each stored byte to itself + 128 (mod 256): an 8-bit code in an
+    8-bit container (the 8-bit head at every b, every layer at b = 8)."""
+    return bool(np.array_equal(table[_STORED], _SIGN_FLIP[_STORED]))
+
+
 def pack_layer(layer: StoredLayer, fmt: SEFPFormat, bits: int, container: int,
                out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(B uint8 [N, blocks, G*c/8], scales float32 [N, blocks]) of one layer at ``bits``: the same
@@ -248,7 +258,11 @@ def pack_layer(layer: StoredLayer, fmt: SEFPFormat, bits: int, container: int,
     # Gather and pack along K in the stored [K, N] layout (contiguous rows), then one transpose
     # of the packed bytes: ~2x faster than gathering through the transposed view.
     # np.take, unlike fancy indexing, releases the GIL: layers pack in parallel threads.
-    u = np.take(_code_table(fmt, bits, container), layer.mantissa.view(np.uint8))
+    table = _code_table(fmt, bits, container)
+    if _is_sign_flip(table):  # an 8-bit code is the stored byte + 128: one xor, ~10x a gather
+        u = np.bitwise_xor(layer.mantissa.view(np.uint8), np.uint8(0x80))
+    else:
+        u = np.take(table, layer.mantissa.view(np.uint8))
     if blocks * G > K:  # the ragged last group is padded with code 0
         u = np.concatenate([u, np.full((blocks * G - K, N), 2 ** (container - 1), np.uint8)])
     per = 8 // container

@@ -101,3 +101,26 @@ def test_matmulnbits_node_matches_the_codec(bits):
                [numpy_helper.from_array(B, "B"), numpy_helper.from_array(scales, "S")])
     x = np.random.default_rng(2).standard_normal((3, K)).astype(np.float32)
     _check(_session(m).run(None, {"X": x})[0], x, t, bits)
+
+
+@pytest.mark.parametrize("rounding, scale", ROWS)
+def test_runtime_packing_is_the_reference_packing_byte_for_byte(rounding, scale):
+    """The runtime's vectorised derive + pack (a table gather, or an xor where an 8-bit code is
+    the stored byte + 128) gives exactly sefp_to_matmulnbits's bytes at every b, also when
+    written into a sibling group's rows."""
+    from otaro.runtime.switch import StoredLayer, pack_layer
+
+    t = _encoded(rounding, scale=scale)
+    mant, scale8 = ops.sefp_initializers(t)
+    layer = StoredLayer("l", 0, mant, scale8)
+    for bits in range(2, 9):
+        if t.fmt.container_bits(bits) is None:
+            continue  # no container (midpoint at 8 bits keeps its SefpMatMul node)
+        B, S, c = sefp_to_matmulnbits(t, bits)
+        got_B, got_S = pack_layer(layer, t.fmt, bits, c)
+        np.testing.assert_array_equal(got_B.reshape(B.shape), B, err_msg=f"b={bits}")
+        np.testing.assert_array_equal(got_S.reshape(S.shape), S)
+        rows = (np.zeros((N + 5, *got_B.shape[1:]), np.uint8), np.zeros((N + 5, got_S.shape[1]), np.float32))
+        pack_layer(layer, t.fmt, bits, c, out=(rows[0][5:], rows[1][5:]))
+        np.testing.assert_array_equal(rows[0][5:], got_B)
+        np.testing.assert_array_equal(rows[1][5:], got_S)
