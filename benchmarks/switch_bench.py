@@ -179,8 +179,10 @@ def markdown(res: dict) -> str:
         f"{_mib(res['master_bytes'])} (the artifact's data file, held to switch; it includes the {_mib(res['fixed_bytes'])} "
         f"every session borrows: norms and the code the embedding gathers from) + two active precisions' packed weights "
         f"({_mib(pb[8])} + {_mib(pb[4])}) = {_mib(budget)} above the imports; measured peak − imports "
-        f"{_mib(mem['peak'] - mem['base'])}. The rest is onnxruntime's: each session copies the packed weights it is "
-        f"given and prepacks MatMulNBits into its own layout.",
+        f"{_mib(mem['peak'] - mem['base'])}. The rest is the build's transient: inside `InferenceSession()` the old "
+        f"session, our packed arrays, onnxruntime's copy of them and its prepacked MatMulNBits layout all exist at "
+        f"once; the copy, our arrays and the old session are freed after the build and handed back to the OS "
+        f"(`malloc_trim`), so after the switch the process holds the master and the new precision.",
         "",
         "Against the goals (issue 12):",
         f"- cold switch ≤ 0.25× a per-bit file load: {ratio:.2f}× (p50 over b) {'✓' if ratio <= 0.25 else '✗'} — "
