@@ -270,7 +270,8 @@ def measure(args) -> dict:
         rec = {"engine": name, "kind": kind, "bits": arg if kind.startswith("otaro") else None, "gguf": arg if kind == "llama" else None,
                "decode_tps": statistics.median(r["decode_tps"] for r in got[name]),
                "prefill_tps": statistics.median(r["prefill_tps"] for r in got[name]),
-               "python_ms": statistics.median(r["python_ms"] for r in got[name]) if "python_ms" in got[name][0] else None}
+               "python_ms": statistics.median(r["python_ms"] for r in got[name]) if "python_ms" in got[name][0] else None,
+               "decode_rounds": [r["decode_tps"] for r in got[name]]}
         if kind.startswith("otaro"):
             a = traced_art if kind == "otaro-traced" else art
             rec["file_bytes"], rec["peak_rss"] = model_bytes(a), ort_rss(args.threads, kind, a, arg)
@@ -317,19 +318,24 @@ def markdown(res: dict) -> str:
         "with the optimum trace (`--graph traced`). llama.cpp's Q4_0/Q8_0/F32 are requantized from the shipped Q4_1 "
         "file.",
         "",
-        "| engine | decode tok/s | ×llama.cpp Q4_0 | Python ms/token | prefill tok/s | peak RSS MiB | file MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| engine | decode tok/s | rounds min–max | ×llama.cpp Q4_0 | Python ms/token | prefill tok/s | peak RSS MiB | "
+        "file MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     q40 = rows["llama.cpp Q4_0"]["decode_tps"]
     for r in res["rows"]:
         py = f"{r['python_ms']:.2f}" if r.get("python_ms") is not None else "—"
-        out.append(f"| {r['engine']} | {r['decode_tps']:.1f} | {r['decode_tps'] / q40:.2f} | {py} | "
+        spread = f"{min(r['decode_rounds']):.0f}–{max(r['decode_rounds']):.0f}" if r.get("decode_rounds") else "—"
+        out.append(f"| {r['engine']} | {r['decode_tps']:.1f} | {spread} | {r['decode_tps'] / q40:.2f} | {py} | "
                    f"{r['prefill_tps']:.0f} | {r['peak_rss'] / 2**20:.0f} | {r['file_bytes'] / 2**20:.0f} |")
     b2, b4, b8 = (rows[f"otaro b={b}"]["decode_tps"] for b in (2, 4, 8))
     q80 = rows["llama.cpp Q8_0"]["decode_tps"]
     traced = {b: rows[f"otaro traced b={b}"]["decode_tps"] for b in TRACED_BITS if f"otaro traced b={b}" in rows}
     out += [
         "",
+        "Decode tok/s is the median of the rounds; the min–max column shows how much one round differed from "
+        "another on this machine (a shared VM whose speed drifts by minutes; the interleaving puts every engine "
+        "in the same drift, so compare within a round set, not across runs). "
         "Python ms/token: the part of a decode step spent outside onnxruntime's run call (feeds, IOBinding, the "
         "logits copy, argmax), for the engines driven from Python (the numpy hand-off's copies of the cache happen "
         "inside `run`, so the plain and traced rows' copies are not in it). "
