@@ -210,6 +210,7 @@ def test_sibling_layers_run_as_one_matmulnbits_with_the_same_numbers(arts, graph
     outputs back). Every output column is its own dot product: logits are bit-identical."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from otaro.runtime.backends import create_session
     from otaro.runtime.switch import build_model, sibling_groups
 
     _, out = arts
@@ -233,8 +234,6 @@ def test_sibling_layers_run_as_one_matmulnbits_with_the_same_numbers(arts, graph
                 assert ops_[1]["Split"] == ops_[0]["Split"] + 4
             got = []
             for m in models.values():
-                from otaro.runtime.backends import create_session
-
                 sess, keep = create_session(rt.backend, m.model, m.files, m.shared, threads=1)
                 got.append(Decoder(sess).prompt_logits(PROMPTS[0]))
             np.testing.assert_array_equal(got[0], got[1])
