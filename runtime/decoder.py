@@ -123,7 +123,11 @@ class Decoder:
         self._outputs = ["logits", *self.io.present_names]
         self._vocab = session.get_outputs()[0].shape[-1]  # an int, or a symbolic name
         # None: in place where the graph is GroupQueryAttention's (right padding says so).
-        self.shared_kv = self.io.right_padding and bool(self.io.past_names) if shared_kv is None else shared_kv
+        can_share = self.io.right_padding and bool(self.io.past_names)
+        if shared_kv and not can_share:
+            raise ValueError("shared_kv=True needs a GroupQueryAttention decoder (an `otaro export --graph fused` "
+                             "artifact): this graph's attention copies its cache into new presents")
+        self.shared_kv = can_share if shared_kv is None else bool(shared_kv)
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray] | SharedKV:
         if self.shared_kv:

@@ -201,6 +201,10 @@ def test_in_place_kv_cache_refuses_a_mismatched_step(arts):
     _, past = dec.forward(np.array([[3, 4, 5]], np.int64), np.ones((1, 3), np.int64), past)
     with pytest.raises(ValueError, match="holds 1 row"):  # a mask that skips a position
         dec.forward(np.array([[6]], np.int64), np.ones((1, 5), np.int64), past)
+    traced = ort.InferenceSession(str(out["traced"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert not Decoder(traced).shared_kv
+    with pytest.raises(ValueError, match="needs a GroupQueryAttention decoder"):
+        Decoder(traced, shared_kv=True)
 
 
 @pytest.mark.parametrize("graph", ["fused", "traced"])
