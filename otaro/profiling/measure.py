@@ -109,15 +109,23 @@ def switch_walk(bits: Sequence[int]) -> list[int]:
     return path[::-1]
 
 
-def _proc_status(key: str) -> int | None:
+def _proc_statuses(*keys: str) -> tuple[int | None, ...]:
+    """Values of ``keys`` (bytes) from one read of /proc/self/status: one snapshot, so VmHWM is
+    never below VmRSS (two reads let an allocation in between grow the RSS past the peak read)."""
+    got: dict[str, int] = {}
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
+                key = line.split(":", 1)[0]
+                if key in keys:
+                    got[key] = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    return tuple(got.get(k) for k in keys)
+
+
+def _proc_status(key: str) -> int | None:
+    return _proc_statuses(key)[0]
 
 
 def reset_peak_memory() -> bool:
@@ -213,11 +221,12 @@ def measure_bits(rt, b: int, ids: list[int], cfg: ProfileConfig) -> dict:
             prefill.append(p)
             tps.append(t)
             ttft.append(g.seconds)
+    peak, rss = _proc_statuses("VmHWM", "VmRSS")
     return {"bits": b, "switch_s": rep.seconds, "switch_cached": rep.cached, "derive_s": rep.derive_seconds,
             "session_s": rep.session_seconds, "switch_extra_bytes": rep.extra_bytes,
             "switch_peak_rss_bytes": switch_peak,
             "prefill_s": stats(prefill), "ttft_s": stats(ttft), "decode_tps": stats(tps),
-            "peak_rss_bytes": _proc_status("VmHWM") if reset_ok else None, "rss_bytes": _proc_status("VmRSS")}
+            "peak_rss_bytes": peak if reset_ok else None, "rss_bytes": rss}
 
 
 def measure_switches(rt_cold_factory, rt_warm_factory, bits: Sequence[int], bar) -> dict:
