@@ -21,6 +21,7 @@ import dataclasses
 import os
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +36,9 @@ from otaro.runtime.backends import BackendChoice, create_session, select_backend
 from otaro.runtime.chat import ChatTemplate, ChatTemplateError, Messages, check_messages
 from otaro.runtime.decoder import Batch, Decoder
 from otaro.runtime.sampling import Sampler, SamplingConfig
+from otaro.runtime.spill import Spill
 from otaro.runtime.switch import (Entry, Master, Precision, PrecisionSpec, SessionCache, SwitchReport, build_model,
-                                  release_freed_memory,
+                                  map_big_blocks, release_freed_memory,
                                   resolve_precision)
 
 Prompt = Union[str, Messages, Sequence[int]]
@@ -130,12 +132,30 @@ def _check_sizes(root: Path, files: dict) -> None:
             raise ArtifactError(f"{p} is corrupt or truncated (its size differs from the manifest)")
 
 
+def _spill_warning(folder, e: OSError) -> None:
+    warnings.warn(f"otaro: cannot write packed weights to {folder} ({e.strerror or e}); building precisions in "
+                  f"memory instead (a switch then needs about three times the precision's weights)",
+                  RuntimeWarning, stacklevel=4)
+
+
+def _make_spill(master: Master) -> Spill | None:
+    import tempfile
+
+    try:
+        return Spill(master.data, master.data_name)
+    except OSError as e:
+        _spill_warning(tempfile.gettempdir(), e)
+        return None
+
+
 class Runtime:
     """One loaded artifact. Build it with :meth:`load`; thread-safe."""
 
     def __init__(self, root: Path, manifest: dict, master: Master, backend: BackendChoice, tokenizer,
-                 template: ChatTemplate | None, config: dict, threads: int | None, cache_bytes: int):
+                 template: ChatTemplate | None, config: dict, threads: int | None, cache_bytes: int,
+                 spill: Spill | None = None):
         self.root, self.manifest, self.master, self.backend = root, manifest, master, backend
+        self._spill = spill
         self.tokenizer, self.chat_template, self.threads = tokenizer, template, threads
         self.layers: tuple[str, ...] = tuple(master.layers)
         self.bits_available: tuple[int, ...] = tuple(manifest["bits"])
@@ -158,7 +178,7 @@ class Runtime:
              accuracy_level: int | None = None, bits: PrecisionSpec | None = None,
              cache_bytes: int = DEFAULT_CACHE_BYTES, verify: bool = True,
              warm: Sequence[PrecisionSpec] = (), spin: bool = True, profile: str | os.PathLike | None = None,
-             fuse_siblings: bool = True) -> "Runtime":
+             fuse_siblings: bool = True, spill: bool = True) -> "Runtime":
         """Read the artifact once and build the session of ``bits`` (default: the artifact's).
 
         ``accuracy_level`` of every MatMulNBits (default: the artifact's; 4 = int8 activations,
@@ -171,7 +191,11 @@ class Runtime:
         and each node's kernel time) when :meth:`end_profiling` is called
         (:func:`otaro.runtime.optrace.op_breakdown` sums it by op type). ``fuse_siblings=False``:
         one MatMulNBits per layer instead of one per group of layers reading the same activation
-        (q/k/v, gate/up; the numbers are the same either way, the fused form is faster)."""
+        (q/k/v, gate/up; the numbers are the same either way, the fused form is faster).
+        ``spill``: a precision's packed weights reach onnxruntime through a private temporary
+        folder (under ``$TMPDIR``) instead of in-memory copies, so a switch needs about a third
+        of the memory (:mod:`otaro.runtime.spill`); where that folder cannot be written the
+        runtime warns and builds in memory."""
         import onnxruntime as ort
 
         root = Path(artifact)
@@ -200,6 +224,8 @@ class Runtime:
                                 f"by `otaro export`); remove it or export again")
         check_tokenizer_folder(root, ArtifactError)
         master = Master(root, m)
+        map_big_blocks()  # before any session: freed weights go back to the OS (switch.map_big_blocks)
+        spill_dir = _make_spill(master) if spill else None
         tokenizer = None
         if (root / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
@@ -209,7 +235,7 @@ class Runtime:
             except Exception as e:  # the Rust parser raises its own exception type
                 raise ArtifactError(f"{root / 'tokenizer.json'} cannot be read: {e}") from None
         rt = cls(root, m, master, backend, tokenizer, ChatTemplate.find(root), cls._model_config(root, m), threads,
-                 cache_bytes)
+                 cache_bytes, spill_dir)
         if isinstance(warm, (int, Mapping)):
             warm = [warm]
         prewarm = [rt.resolve(w) for w in warm]  # a bad spec fails before any session is built
@@ -240,14 +266,30 @@ class Runtime:
     def _build(self, bits: tuple[int, ...]) -> tuple[Entry, float, float]:
         t0 = time.perf_counter()
         with ThreadPoolExecutor(self.threads or os.cpu_count() or 1) as pool:  # numpy frees the GIL
-            built = build_model(self.master, Precision(bits, ""), self.backend.container_for,
-                                self.backend.accuracy_level, pool, fuse_siblings=self.backend.fuse_siblings)
+            def build(spill):
+                return build_model(self.master, Precision(bits, ""), self.backend.container_for,
+                                   self.backend.accuracy_level, pool, fuse_siblings=self.backend.fuse_siblings,
+                                   spill=spill)
+
+            spill = self._spill
+            try:
+                built = build(spill)
+            except OSError as e:  # the spill folder cannot take the weights (full, removed, read-only)
+                if spill is None:
+                    raise
+                _spill_warning(spill.folder, e)
+                self._spill = None
+                spill.close()
+                built = build(None)
         t1 = time.perf_counter()
         try:
-            session, borrowed = create_session(self.backend, built.model, built.files, built.shared, self.threads)
+            session, borrowed = create_session(self.backend, built.model, built.files, built.shared, self.threads,
+                                               folder=built.folder)
         except Exception as e:  # onnxruntime's own exception types; the message says what failed
             raise OtaroError(f"onnxruntime could not build the model at bits {sorted(set(bits))} on "
                              f"{self.backend.backend}: {e}") from None
+        finally:
+            built.discard()  # the session holds what it still reads
         t2 = time.perf_counter()
         return Entry(bits, Decoder(session), built.packed_bytes, borrowed), t1 - t0, t2 - t1
 
@@ -280,14 +322,52 @@ class Runtime:
             return self._activate(self.resolve(spec))
 
     def _activate(self, precision: Precision) -> SwitchReport:
-        entry, report = self._cache.get(precision, pin=True)
+        before = self._active
+        try:
+            entry, report = self._cache.get(precision, pin=True, before_build=self._drop_evicted)
+        except BaseException:
+            self._restore(before)
+            raise
         with self._lock:
-            before = self._active_entry
+            old = self._active_entry
             self._active, self._active_entry, self._last_switch = precision, entry, report
-        if not report.cached and before is not None and before.bits not in self._cache.keys:
-            del before  # the last reference to an evicted session (unless a request holds it)
+        if not report.cached and old is not None and old.bits not in self._cache.keys:
+            del old  # the last reference to an evicted session (unless a request holds it)
             release_freed_memory()
         return report
+
+    def _drop_evicted(self, evicted: list[tuple[int, ...]]) -> None:
+        """The cache evicted these before a build (they would go once the new precision is
+        pinned): let go of the active one too, so the build does not run beside it. Requests
+        that start meanwhile wait for the switch (:meth:`_current`)."""
+        with self._lock:
+            if self._active_entry is not None and self._active_entry.bits in evicted:
+                self._active_entry = None
+        release_freed_memory()
+
+    def _restore(self, precision: Precision | None) -> None:
+        """After a failed switch: the precision active before it, rebuilt if it was let go."""
+        if precision is None:
+            return
+        try:
+            entry, _ = self._cache.get(precision, pin=True)
+        except Exception:  # _current says so on the next request
+            return
+        with self._lock:
+            self._active, self._active_entry = precision, entry
+
+    def _current(self) -> tuple[Entry, Precision]:
+        """The active entry; during a switch that let the old one go, after the switch."""
+        with self._lock:
+            entry, active = self._active_entry, self._active
+        if entry is None:
+            with self._switch_lock:
+                with self._lock:
+                    entry, active = self._active_entry, self._active
+        if entry is None:
+            raise OtaroError(f"no precision is active: switching to it failed and {active.label if active else 'the previous one'} "
+                             f"could not be rebuilt; call set_precision again")
+        return entry, active
 
     @contextlib.contextmanager
     def precision(self, spec: PrecisionSpec) -> Iterator[SwitchReport]:
@@ -315,8 +395,7 @@ class Runtime:
     def decoder(self):
         """The active precision's KV-cache loop (:class:`otaro.runtime.decoder.Decoder`): for
         callers that drive onnxruntime themselves (benchmarks, custom decoding)."""
-        with self._lock:
-            return self._active_entry.decoder
+        return self._current()[0].decoder
 
     @property
     def warm_precisions(self) -> list[tuple[int, ...]]:
@@ -324,8 +403,7 @@ class Runtime:
 
     def _session(self, bits: PrecisionSpec | None) -> tuple[Entry, Precision]:
         """The session a request keeps to its end."""
-        with self._lock:
-            entry, active = self._active_entry, self._active
+        entry, active = self._current()
         if bits is None:
             return entry, active
         precision = self.resolve(bits)

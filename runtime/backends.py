@@ -113,19 +113,29 @@ def session_options(choice: BackendChoice, threads: int | None = None):
     return so
 
 
-def create_session(choice: BackendChoice, model: bytes, files: dict, shared: dict, threads: int | None = None):
-    """(InferenceSession, what it borrows) from graph bytes, in-memory external data files
-    (copied into the session) and ``shared`` initializers (borrowed, not copied: the returned
-    OrtValues hold their arrays and must live as long as the session)."""
+# The folder onnxruntime resolves a graph's external data in when the graph comes as bytes.
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
+def create_session(choice: BackendChoice, model: bytes, files: dict, shared: dict, threads: int | None = None,
+                   folder=None):
+    """(InferenceSession, what it borrows) from graph bytes, its external data and ``shared``
+    initializers (borrowed, not copied: the returned OrtValues hold their arrays and must live
+    as long as the session). External data comes from ``folder`` when given (files onnxruntime
+    maps and reads once; otaro.runtime.spill), else from ``files``, in-memory files that
+    onnxruntime copies into the session."""
     import numpy as np
     import onnxruntime as ort
 
     so = session_options(choice, threads)
-    names = list(files)
-    bufs = [np.ascontiguousarray(files[n]) for n in names]
-    so.add_external_initializers_from_files_in_memory(names, bufs, [b.nbytes for b in bufs])
+    if folder is not None:
+        so.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(folder))
+    else:
+        names = list(files)
+        bufs = [np.ascontiguousarray(files[n]) for n in names]
+        so.add_external_initializers_from_files_in_memory(names, bufs, [b.nbytes for b in bufs])
     # add_initializer overrides the graph's copy; a constant folded from it (the tied head's
-    # Transpose) comes from the graph's in-memory data, which holds the same values.
+    # Transpose) comes from the graph's external data, which holds the same values.
     borrowed = tuple(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in shared.values())
     for name, value in zip(shared, borrowed):
         so.add_initializer(name, value)

@@ -38,6 +38,7 @@ from otaro.errors import FormatError, OtaroError
 from otaro.formats import onnx_ops as ops
 from otaro.formats.sefp import derive_codes
 from otaro.formats.table import TOP_BITS, SEFPFormat, check_bits
+from otaro.runtime.spill import BuildFile, Spill
 from otaro.runtime.artifact import ArtifactError
 
 PrecisionSpec = Union[int, Mapping[str, int]]
@@ -283,20 +284,65 @@ def pack_layer(layer: StoredLayer, fmt: SEFPFormat, bits: int, container: int,
 
 @dataclass(frozen=True)
 class BuiltModel:
-    """A precision's model ready for a session: graph bytes + in-memory external files."""
+    """A precision's model ready for a session: graph bytes + its external data, either in
+    memory (``files``) or in a spill folder (``folder``: the graph's external files are there;
+    ``build_file`` is this build's, to discard once the session exists)."""
 
     model: bytes
-    files: dict[str, np.ndarray]  # external file name -> bytes (uint8, contiguous)
+    files: dict[str, np.ndarray]  # external file name -> bytes (uint8, contiguous); empty when spilled
     shared: dict[str, np.ndarray]  # initializers every session shares (views of the master bytes)
     packed_bytes: int  # bytes of the packed weights (what this precision adds)
+    folder: Path | None = None
+    build_file: "BuildFile | None" = None
+
+    def discard(self) -> None:
+        """Remove this build's spilled file (a session built from it keeps its own mappings)."""
+        if self.build_file is not None:
+            self.build_file.discard()
 
 
-def _external_tensor(name: str, arr: np.ndarray, location: str) -> TensorProto:
-    t = TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape,
+def _external_tensor(name: str, shape: tuple, dtype, location: str, offset: int = 0) -> TensorProto:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    t = TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=shape,
                     data_location=TensorProto.EXTERNAL)
-    for k, v in (("location", location), ("offset", "0"), ("length", str(arr.nbytes))):
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(nbytes))):
         t.external_data.add(key=k, value=v)
     return t
+
+
+class _MemorySlots:
+    """Packed weights as in-memory external files, one array per tensor: layers are packed
+    straight into their rows (a sibling group's stacked array)."""
+
+    def __init__(self, files: dict):
+        self.files = files
+
+    def tensor(self, name: str, shape: tuple, dtype) -> tuple[TensorProto, np.ndarray]:
+        arr = np.empty(shape, dtype)
+        loc = f"otaro-{len(self.files)}.bin"
+        self.files[loc] = arr.reshape(-1).view(np.uint8)
+        return _external_tensor(name, shape, dtype, loc), arr
+
+    @staticmethod
+    def fill(slots, lo: int, hi: int, pack: Callable) -> None:
+        pack(tuple(arr[lo:hi] for _, arr in slots))
+
+
+class _FileSlots:
+    """Packed weights written to a spill file (:mod:`otaro.runtime.spill`): each layer is packed
+    on its own and written to its rows' bytes, then freed."""
+
+    def __init__(self, f: "BuildFile"):
+        self.f = f
+
+    def tensor(self, name: str, shape: tuple, dtype) -> tuple[TensorProto, tuple[int, int]]:
+        row = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+        offset = self.f.reserve(shape[0] * row)
+        return _external_tensor(name, shape, dtype, self.f.path.name, offset), (offset, row)
+
+    def fill(self, slots, lo: int, hi: int, pack: Callable) -> None:
+        for arr, (_, (offset, row)) in zip(pack(None), slots):
+            self.f.write(arr, offset + lo * row)
 
 
 def sibling_groups(graph: onnx.GraphProto, master: "Master", plan: Mapping[str, tuple[int, int | None]]
@@ -313,11 +359,11 @@ def sibling_groups(graph: onnx.GraphProto, master: "Master", plan: Mapping[str, 
     return [sorted(v, key=lambda n: master.layers[n].node) for v in by_key.values() if len(v) > 1]
 
 
-def _fuse_siblings(g: onnx.GraphProto, group: list[str], master: "Master", stacked: tuple, plan: Mapping,
-                   accuracy_level: int, fmt: SEFPFormat, files: dict, add: list,
+def _fuse_siblings(g: onnx.GraphProto, group: list[str], master: "Master", tensors: tuple[TensorProto, TensorProto],
+                   plan: Mapping, accuracy_level: int, fmt: SEFPFormat, add: list,
                    readers: Mapping[str, list[int]]) -> tuple[set[int], dict[int, list]]:
-    """One MatMulNBits for ``group`` (see :func:`sibling_groups`): ``stacked`` = its packed
-    weights and scales stacked along N.
+    """One MatMulNBits for ``group`` (see :func:`sibling_groups`): ``tensors`` = the initializers
+    of its packed weights and scales, stacked along N.
     Where the siblings' outputs only feed one Concat on the last axis in the same order (the
     fused graph's q/k/v), the packed node produces the Concat's output; elsewhere a Split gives
     each sibling its output back. Returns (node indices to drop, index -> nodes to put there)."""
@@ -325,12 +371,7 @@ def _fuse_siblings(g: onnx.GraphProto, group: list[str], master: "Master", stack
     nodes = [g.node[l.node] for l in layers]
     outs = [n.output[0] for n in nodes]
     c = plan[group[0]][1]
-    B, scales = stacked  # packed by pack_layer into their rows
-    name = group[0] + ".siblings"
-    for suffix, arr in (("qweight", B), ("scales", scales)):
-        loc = f"otaro-{len(files)}.bin"
-        files[loc] = arr.reshape(-1).view(np.uint8)
-        add.append(_external_tensor(f"{name}.{suffix}", arr, loc))
+    qweight, scales = tensors
     consumers = [readers.get(o, []) for o in outs]
     graph_outputs = {o.name for o in g.output}
     concat = None
@@ -341,8 +382,9 @@ def _fuse_siblings(g: onnx.GraphProto, group: list[str], master: "Master", stack
             concat = consumers[0][0]
     if set(outs) & graph_outputs:
         concat = None
+    name = qweight.name.removesuffix(".qweight")
     y = g.node[concat].output[0] if concat is not None else name + ".out"
-    fused = ops.matmulnbits_node(nodes[0].input[0], f"{name}.qweight", f"{name}.scales", y,
+    fused = ops.matmulnbits_node(nodes[0].input[0], qweight.name, scales.name, y,
                                  name=nodes[0].name.removesuffix(ops.SEFP_OP) + "Siblings/MatMulNBits",
                                  K=layers[0].K, N=sum(l.N for l in layers), bits=c, block_size=fmt.group_size,
                                  accuracy_level=accuracy_level)
@@ -358,34 +400,60 @@ def _fuse_siblings(g: onnx.GraphProto, group: list[str], master: "Master", stack
 
 
 def build_model(master: Master, precision: Precision, containers: Callable[[int], int | None],
-                accuracy_level: int, pool: Executor, fuse_siblings: bool = True) -> BuiltModel:
+                accuracy_level: int, pool: Executor, fuse_siblings: bool = True, spill: "Spill | None" = None
+                ) -> BuiltModel:
     """The model for ``precision``; ``containers(code_bits)`` is the backend's container choice
     (None: no container, keep the SefpMatMul node). ``fuse_siblings``: layers reading the same
-    activation at the same bits run as one MatMulNBits (:func:`sibling_groups`)."""
+    activation at the same bits run as one MatMulNBits (:func:`sibling_groups`). ``spill``: the
+    packed weights go to a file in that folder instead of memory (:mod:`otaro.runtime.spill`)."""
     fmt = master.fmt
     names = list(master.layers)
     plan = {n: (b, containers(fmt.code_bits(b))) for n, b in zip(names, precision.bits)}
     groups = sibling_groups(master.proto.graph, master, plan) if fuse_siblings else []
-    stacked, dest = [], {}  # a group's layers are packed straight into their rows of one array
-    for grp in groups:
-        c, G = plan[grp[0]][1], fmt.group_size
-        blocks = -(-master.layers[grp[0]].K // G)
-        N = [master.layers[n].N for n in grp]
-        B = np.empty((sum(N), blocks, G * c // 8), np.uint8)
-        S = np.empty((sum(N), blocks), np.float32)
-        stacked.append((B, S))
-        for n, lo, hi in zip(grp, np.cumsum([0] + N[:-1]), np.cumsum(N)):
-            dest[n] = (B[lo:hi], S[lo:hi])
-    packed = dict(zip(names, pool.map(
-        lambda n: pack_layer(master.layers[n], fmt, plan[n][0], plan[n][1], dest.get(n)) if plan[n][1] else None,
-        names)))
+    in_group = {n for grp in groups for n in grp}
+    files: dict[str, np.ndarray] = {} if spill else {master.data_name: master.data}
+    build_file = spill.new_file() if spill else None
+    try:
+        sink = _FileSlots(build_file) if build_file else _MemorySlots(files)
+        # A unit is one MatMulNBits: a sibling group (layers packed into its rows) or one layer.
+        units = groups + [[n] for n in names if plan[n][1] is not None and n not in in_group]
+        unit_tensors, rows = [], {}  # rows: layer -> (its unit's slots, first row, end row)
+        for unit in units:
+            c, G = plan[unit[0]][1], fmt.group_size
+            blocks = -(-master.layers[unit[0]].K // G)
+            N = [master.layers[n].N for n in unit]
+            base = unit[0] + ".siblings" if len(unit) > 1 else unit[0]
+            slots = (sink.tensor(f"{base}.qweight", (sum(N), blocks, G * c // 8), np.uint8),
+                     sink.tensor(f"{base}.scales", (sum(N), blocks), np.float32))
+            unit_tensors.append(tuple(t for t, _ in slots))
+            for n, lo, hi in zip(unit, np.cumsum([0] + N[:-1]), np.cumsum(N)):
+                rows[n] = (slots, int(lo), int(hi))
 
+        def pack(n: str) -> None:
+            slots, lo, hi = rows[n]
+            sink.fill(slots, lo, hi, lambda out: pack_layer(master.layers[n], fmt, plan[n][0], plan[n][1], out))
+
+        list(pool.map(pack, rows))
+        if build_file:
+            build_file.close()
+        return _edit_graph(master, plan, groups, units, unit_tensors, accuracy_level, files, spill, build_file)
+    except BaseException:
+        if build_file:
+            build_file.discard()
+        raise
+
+
+def _edit_graph(master: Master, plan: Mapping, groups: list[list[str]], units: list[list[str]],
+                unit_tensors: list[tuple], accuracy_level: int, files: dict, spill: "Spill | None",
+                build_file: "BuildFile | None") -> BuiltModel:
+    """The precision's graph: each unit's SefpMatMul node(s) become one MatMulNBits."""
+    fmt = master.fmt
+    by_first = {u[0]: t for u, t in zip(units, unit_tensors)}
     proto = onnx.ModelProto()
     proto.CopyFrom(master.proto)  # graph only: every big tensor is an external reference
     g = proto.graph
-    files: dict[str, np.ndarray] = {master.data_name: master.data}
     drop: set[str] = set()
-    add: list[TensorProto] = []
+    add: list[TensorProto] = [t for ts in unit_tensors for t in ts]
     kept_bits: set[int] = set()
     in_group = {n for grp in groups for n in grp}
     drop_nodes: set[int] = set()
@@ -395,8 +463,8 @@ def build_model(master: Master, precision: Precision, containers: Callable[[int]
         for i, node in enumerate(g.node):
             for x in set(node.input):
                 readers.setdefault(x, []).append(i)
-    for grp, arrays in zip(groups, stacked):
-        d, p = _fuse_siblings(g, grp, master, arrays, plan, accuracy_level, fmt, files, add, readers)
+    for grp in groups:
+        d, p = _fuse_siblings(g, grp, master, by_first[grp[0]], plan, accuracy_level, fmt, add, readers)
         drop_nodes |= d
         put_nodes.update(p)
         drop |= {f"{n}.{k}" for n in grp for k in ("mantissa", "scale8")}
@@ -408,13 +476,9 @@ def build_model(master: Master, precision: Precision, containers: Callable[[int]
             kept_bits.add(bits)
             node.input[3] = f"{ops.BITS_INPUT}.{bits}"
             continue
-        B, scales = packed[n]
-        for suffix, arr in (("qweight", B), ("scales", scales)):
-            loc = f"otaro-{len(files)}.bin"
-            files[loc] = arr.reshape(-1).view(np.uint8)
-            add.append(_external_tensor(f"{n}.{suffix}", arr, loc))
+        qweight, scales = by_first[n]
         drop |= {f"{n}.mantissa", f"{n}.scale8"}
-        node.CopyFrom(ops.matmulnbits_node(node.input[0], f"{n}.qweight", f"{n}.scales", node.output[0],
+        node.CopyFrom(ops.matmulnbits_node(node.input[0], qweight.name, scales.name, node.output[0],
                                            name=node.name.removesuffix(ops.SEFP_OP) + "MatMulNBits",
                                            K=layer.K, N=layer.N, bits=c, block_size=fmt.group_size,
                                            accuracy_level=accuracy_level))
@@ -436,8 +500,12 @@ def build_model(master: Master, precision: Precision, containers: Callable[[int]
         keep_fns = [f for f in proto.functions if f.name != master.function]
         del proto.functions[:]
         proto.functions.extend(keep_fns)
-    return BuiltModel(proto.SerializeToString(), files, master.shared,
-                      sum(a.nbytes for k, a in files.items() if k != master.data_name))
+    if spill:  # the artifact's bytes the graph still points at, in the folder's sparse copy
+        spill.cover([(int(e["offset"]), int(e["length"])) for e in map(_external, keep)
+                     if e.get("location") == master.data_name])
+    packed = sum(int(_external(t)["length"]) for ts in unit_tensors for t in ts)
+    return BuiltModel(proto.SerializeToString(), files, master.shared, packed,
+                      spill.folder if spill else None, build_file)
 
 
 # --------------------------------------------------------------------------- the cache
@@ -477,13 +545,8 @@ def rss_bytes() -> int | None:
 _LIBC = None
 
 
-def release_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Building a session allocates and frees hundreds of MiB of temporaries (our packed arrays,
-    onnxruntime's copy of them before it prepacks), much of it on onnxruntime's threads, and
-    glibc keeps what a thread's arena frees resident in the process: on SmolLM2 ~100-230 MiB of
-    RSS that nothing uses (docs/DESIGN.md §7.18)."""
+def _libc():
+    """glibc, or False where there is none (other libcs, other systems)."""
     global _LIBC
     if _LIBC is None:
         try:
@@ -491,11 +554,40 @@ def release_freed_memory() -> None:
             import ctypes.util
 
             lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC = lib if hasattr(lib, "malloc_trim") else False
+            _LIBC = lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else False
         except OSError:
             _LIBC = False
-    if _LIBC:
+    return _LIBC
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Building a session allocates and frees hundreds of MiB of temporaries (our packed arrays,
+    onnxruntime's copy of them before it prepacks), much of it on onnxruntime's threads, and
+    glibc keeps what a thread's arena frees resident in the process: on SmolLM2 ~100-230 MiB of
+    RSS that nothing uses (docs/DESIGN.md §7.18)."""
+    if _libc():
         _LIBC.malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+BIG_BLOCK = 1 << 20
+
+
+def map_big_blocks() -> None:
+    """Serve heap blocks of 1 MiB and more from their own mappings, which go back to the OS
+    when freed (glibc ``mallopt(M_MMAP_THRESHOLD)``; process-wide, set once per process by
+    :meth:`otaro.runtime.api.Runtime.load`; a no-op elsewhere, or where the user set
+    ``MALLOC_MMAP_THRESHOLD_``).
+
+    glibc otherwise raises that threshold as big blocks are freed (up to 32 MiB), so a
+    session's prepacked weights (0.3-2 MiB per layer) land in the threads' heaps, and after a
+    switch frees them the holes stay resident even after ``malloc_trim``: +50-115 MiB on
+    SmolLM2 after a few switches (docs/DESIGN.md §7.18). Decoding allocates no such blocks
+    (onnxruntime's arena keeps its buffers), so it costs nothing there."""
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ and _libc():
+        _LIBC.mallopt(M_MMAP_THRESHOLD, BIG_BLOCK)
 
 
 class SessionCache:
@@ -521,7 +613,11 @@ class SessionCache:
         with self._lock:
             return list(self._entries.values())
 
-    def get(self, precision: Precision, pin: bool = False) -> tuple[Entry, SwitchReport]:
+    def get(self, precision: Precision, pin: bool = False,
+            before_build: Callable[[list[tuple[int, ...]]], None] | None = None) -> tuple[Entry, SwitchReport]:
+        """The entry of ``precision``, built on a miss. ``pin``: it becomes the active one; what
+        the cache would then evict goes before the build, and ``before_build(keys)`` is told
+        (so a caller can let go of its references: the build never runs beside them)."""
         t0 = time.perf_counter()
         with self._lock:
             e = self._hit(precision.bits, pin)
@@ -532,6 +628,11 @@ class SessionCache:
                 e = self._hit(precision.bits, pin)
             if e is not None:
                 return e, SwitchReport(precision.label, time.perf_counter() - t0, 0.0, 0.0, 0, True)
+            if pin:
+                with self._lock:
+                    gone = self._make_room()
+                if gone and before_build is not None:
+                    before_build(gone)
             rss0 = rss_bytes()
             e, derive_s, session_s = self._build(precision.bits)
             release_freed_memory()  # the build's temporaries are gone by now
@@ -555,6 +656,14 @@ class SessionCache:
                 self.pinned = bits
                 self._evict()
         return e
+
+    def _make_room(self) -> list[tuple[int, ...]]:
+        """Before building a precision that will be pinned: evict now what :meth:`_evict` would
+        evict once it is (the entry pinned so far is an ordinary one from then on)."""
+        self.pinned = None
+        before = list(self._entries)
+        self._evict()
+        return [k for k in before if k not in self._entries]
 
     def _evict(self) -> None:
         total = sum(e.cost for k, e in self._entries.items() if k != self.pinned)
