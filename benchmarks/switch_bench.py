@@ -53,7 +53,8 @@ def status(key):
 import numpy, onnxruntime
 from otaro.runtime import Runtime
 base = status("VmRSS")
-rt = Runtime.load(sys.argv[1], threads=int(sys.argv[2]), bits=8, cache_bytes=0, verify=False)
+rt = Runtime.load(sys.argv[1], threads=int(sys.argv[2]), bits=8, cache_bytes=int(sys.argv[3]), verify=False,
+                  spill=sys.argv[4] == "1")
 before = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark to the current RSS
 rt.set_precision(4)
@@ -73,6 +74,7 @@ def measure(args) -> dict:
     root = work_dir()
     _, art, _ = build_artifact("head 8", 8, root, args.threads, graph=args.graph)
     rt = Runtime.load(art, threads=args.threads, cache_bytes=0, verify=False)
+    rt_mem = Runtime.load(art, threads=args.threads, cache_bytes=0, verify=False, spill=False)  # the build before
     backend = select_backend("cpu", ort.get_available_providers(), rt.backend.accuracy_level)
     files = {}
     for b in BITS:
@@ -88,12 +90,14 @@ def measure(args) -> dict:
     # Interleaved: each cold switch into b is followed by loads of b's file (page cache warm,
     # then evicted), so machine load hits both ways of switching alike.
     cold: dict[int, list] = {b: [] for b in BITS}
+    cold_mem: list[float] = []
     load = {b: {"warm": [], "cold": []} for b in BITS}
     cold_ok = True
     for _ in range(args.reps):
         for b in BITS:  # from the previous b: never the active one, and nothing is cached
             r = rt.set_precision(b)
             cold[b].append({"s": r.seconds, "derive_s": r.derive_seconds, "session_s": r.session_seconds})
+            cold_mem.append(rt_mem.set_precision(b).seconds)
             load[b]["warm"].append(load_seconds(files[b], session, cold=False)[0])
             sec, was_cold = load_seconds(files[b], session, cold=True)
             load[b]["cold"].append(sec)
@@ -101,7 +105,7 @@ def measure(args) -> dict:
         print(f"cold switches: {[round(cold[b][-1]['s'], 2) for b in BITS]}; file loads: "
               f"{[round(load[b]['warm'][-1], 2) for b in BITS]}", flush=True)
     fixed_bytes = int(sum(a.nbytes for a in rt.master.shared.values()))
-    del rt
+    del rt, rt_mem
     warm_rt = Runtime.load(art, threads=args.threads, cache_bytes=4 << 30, verify=False)
     for b in BITS:
         warm_rt.set_precision(b)  # built once; from here on every switch finds its session
@@ -110,8 +114,16 @@ def measure(args) -> dict:
     pre_rt = Runtime.load(art, threads=args.threads, cache_bytes=4 << 30, verify=False, warm=[2, 4])
     prewarmed = [pre_rt.set_precision(b).seconds for _ in range(args.reps * 4) for b in (2, 4, 8)]
     del pre_rt
-    mem = json.loads(subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(art), str(args.threads)],
-                                    capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    def probe(cache_bytes: int, spill: bool) -> dict:
+        out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(art), str(args.threads), str(cache_bytes),
+                              "1" if spill else "0"], capture_output=True, text=True, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    # The default (spill folder, nothing else cached: the old precision goes before the build),
+    # the old precision kept warm through the switch, and the in-memory build for comparison.
+    mem = probe(0, True)
+    mem_warm = probe(4 << 30, True)
+    mem_inmemory = probe(0, False)
     man = json.loads((art / "otaro_artifact.json").read_text())
     info = machine_info()
     info["onnxruntime"] = ort.__version__
@@ -119,11 +131,11 @@ def measure(args) -> dict:
         "machine": info, "threads": args.threads, "reps": args.reps, "graph": args.graph,
         "cold": {b: {**summary([c["s"] for c in cold[b]]), "derive_p50": pct([c["derive_s"] for c in cold[b]], 0.5),
                      "session_p50": pct([c["session_s"] for c in cold[b]], 0.5)} for b in BITS},
-        "cold_all": summary([c["s"] for b in BITS for c in cold[b]]),
+        "cold_all": summary([c["s"] for b in BITS for c in cold[b]]), "cold_inmemory_all": summary(cold_mem),
         "warm": summary(warm), "prewarmed": summary(prewarmed),
         "file_load": {b: {"warm": summary(load[b]["warm"]), "cold": summary(load[b]["cold"])} for b in BITS},
         "file_load_all": summary([s for b in BITS for s in load[b]["warm"]]),
-        "page_cache_evicted": cold_ok, "memory": mem,
+        "page_cache_evicted": cold_ok, "memory": mem, "memory_warm": mem_warm, "memory_inmemory": mem_inmemory,
         "master_bytes": sum(v["bytes"] for k, v in man["model"]["files"].items() if k.endswith("_data")),
         "precision_bytes": {b: man["precisions"][str(b)]["weight_bytes"] for b in BITS},
         # what every precision holds besides its packed linears, from the runtime itself: the
@@ -172,17 +184,29 @@ def markdown(res: dict) -> str:
         f"Prewarmed with `Runtime.load(..., warm=[2, 4])`: p50 {p['p50'] * 1e6:.0f} µs, p95 {p['p95'] * 1e6:.0f} µs. "
         f"Over all b: cold switch p50 {ca['p50']:.2f} s, p95 {ca['p95']:.2f} s; per-bit file load p50 "
         f"{fa['p50']:.2f} s, p95 {fa['p95']:.2f} s."
+        + (f" The same switches built in memory (`spill=False`, interleaved): p50 {res['cold_inmemory_all']['p50']:.2f} s, "
+           f"p95 {res['cold_inmemory_all']['p95']:.2f} s." if "cold_inmemory_all" in res else "")
         + ("" if res["page_cache_evicted"] else " (The page cache could not be evicted: 'cold cache' loads were warm.)"),
         "",
-        f"Memory of a cold switch 8 → 4 (process RSS): after imports {_mib(mem['base'])}, loaded at b = 8 "
-        f"{_mib(mem['before'])}, peak during the switch {_mib(mem['peak'])}, after {_mib(mem['after'])}. Goal: master "
-        f"{_mib(res['master_bytes'])} (the artifact's data file, held to switch; it includes the {_mib(res['fixed_bytes'])} "
-        f"every session borrows: norms and the code the embedding gathers from) + two active precisions' packed weights "
-        f"({_mib(pb[8])} + {_mib(pb[4])}) = {_mib(budget)} above the imports; measured peak − imports "
-        f"{_mib(mem['peak'] - mem['base'])}. The rest is the build's transient: inside `InferenceSession()` the old "
-        f"session, our packed arrays, onnxruntime's copy of them and its prepacked MatMulNBits layout all exist at "
-        f"once; the copy, our arrays and the old session are freed after the build and handed back to the OS "
-        f"(`malloc_trim`), so after the switch the process holds the master and the new precision.",
+        f"Memory of a cold switch 8 → 4 (process RSS, `cache_bytes=0`: the cache keeps no precision besides the "
+        f"active one): after imports {_mib(mem['base'])}, loaded at b = 8 {_mib(mem['before'])}, peak during the "
+        f"switch {_mib(mem['peak'])}, after {_mib(mem['after'])}. Goal: master {_mib(res['master_bytes'])} (the "
+        f"artifact's data file, held to switch; it includes the {_mib(res['fixed_bytes'])} every session borrows: "
+        f"norms and the code the embedding gathers from) + two active precisions' packed weights ({_mib(pb[8])} + "
+        f"{_mib(pb[4])}) = {_mib(budget)} above the imports; measured peak − imports {_mib(mem['peak'] - mem['base'])}. "
+        "The packed weights reach onnxruntime through a spill file it maps and reads once while prepacking, each "
+        "layer's arrays freed once written, and the session the cache would evict goes before the build "
+        "(docs/DESIGN.md §7.18).",
+        "",
+        "| 8 → 4 | loaded at 8 − imports | peak − imports | after − imports |",
+        "|---|---|---|---|",
+    ] + [
+        f"| {label} | {_mib(x['before'] - x['base'])} | {_mib(x['peak'] - x['base'])} | {_mib(x['after'] - x['base'])} |"
+        for label, x in (("spill folder, `cache_bytes=0` (the default path)", mem),
+                         ("spill folder, b = 8 kept warm (`cache_bytes=4 GiB`)", res.get("memory_warm")),
+                         ("in memory (`spill=False`), `cache_bytes=0`: the build before", res.get("memory_inmemory")))
+        if x
+    ] + [
         "",
         "Against the goals (issue 12):",
         f"- cold switch ≤ 0.25× a per-bit file load: {ratio:.2f}× (p50 over b) {'✓' if ratio <= 0.25 else '✗'} — "

@@ -38,7 +38,7 @@ from otaro.runtime.decoder import Batch, Decoder
 from otaro.runtime.sampling import Sampler, SamplingConfig
 from otaro.runtime.spill import Spill
 from otaro.runtime.switch import (Entry, Master, Precision, PrecisionSpec, SessionCache, SwitchReport, build_model,
-                                  map_big_blocks, release_freed_memory,
+                                  big_blocks_mapped, release_freed_memory,
                                   resolve_precision)
 
 Prompt = Union[str, Messages, Sequence[int]]
@@ -224,7 +224,6 @@ class Runtime:
                                 f"by `otaro export`); remove it or export again")
         check_tokenizer_folder(root, ArtifactError)
         master = Master(root, m)
-        map_big_blocks()  # before any session: freed weights go back to the OS (switch.map_big_blocks)
         spill_dir = _make_spill(master) if spill else None
         tokenizer = None
         if (root / "tokenizer.json").is_file():
@@ -283,8 +282,9 @@ class Runtime:
                 built = build(None)
         t1 = time.perf_counter()
         try:
-            session, borrowed = create_session(self.backend, built.model, built.files, built.shared, self.threads,
-                                               folder=built.folder)
+            with big_blocks_mapped():  # its prepacked weights go back to the OS with it
+                session, borrowed = create_session(self.backend, built.model, built.files, built.shared,
+                                                   self.threads, folder=built.folder)
         except Exception as e:  # onnxruntime's own exception types; the message says what failed
             raise OtaroError(f"onnxruntime could not build the model at bits {sorted(set(bits))} on "
                              f"{self.backend.backend}: {e}") from None
@@ -365,7 +365,8 @@ class Runtime:
                 with self._lock:
                     entry, active = self._active_entry, self._active
         if entry is None:
-            raise OtaroError(f"no precision is active: switching to it failed and {active.label if active else 'the previous one'} "
+            before = f" ({active.label})" if active else ""
+            raise OtaroError(f"no precision is active: the last switch failed and the precision before it{before} "
                              f"could not be rebuilt; call set_precision again")
         return entry, active
 

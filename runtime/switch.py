@@ -19,6 +19,7 @@ its ``SefpMatMul`` node with a constant bits input; onnxruntime folds it to a fl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import os
@@ -573,21 +574,31 @@ def release_freed_memory() -> None:
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 BIG_BLOCK = 1 << 20
+HEAP_BLOCK_MAX = 32 << 20  # glibc's ceiling for its dynamic threshold on 64-bit systems
 
 
-def map_big_blocks() -> None:
-    """Serve heap blocks of 1 MiB and more from their own mappings, which go back to the OS
-    when freed (glibc ``mallopt(M_MMAP_THRESHOLD)``; process-wide, set once per process by
-    :meth:`otaro.runtime.api.Runtime.load`; a no-op elsewhere, or where the user set
-    ``MALLOC_MMAP_THRESHOLD_``).
-
-    glibc otherwise raises that threshold as big blocks are freed (up to 32 MiB), so a
-    session's prepacked weights (0.3-2 MiB per layer) land in the threads' heaps, and after a
-    switch frees them the holes stay resident even after ``malloc_trim``: +50-115 MiB on
-    SmolLM2 after a few switches (docs/DESIGN.md §7.18). Decoding allocates no such blocks
-    (onnxruntime's arena keeps its buffers), so it costs nothing there."""
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ and _libc():
+@contextlib.contextmanager
+def big_blocks_mapped():
+    """While onnxruntime builds a session, serve heap blocks of 1 MiB and more from their own
+    mappings (glibc ``mallopt(M_MMAP_THRESHOLD)``; a no-op elsewhere, or where the user set
+    ``MALLOC_MMAP_THRESHOLD_``), so that the session's prepacked weights (0.3-2 MiB per layer)
+    go back to the OS when it is dropped. In the threads' heaps, where glibc's raised threshold
+    put them, the holes they left stayed resident even after ``malloc_trim``: +50-115 MiB on
+    SmolLM2 after a few switches (docs/DESIGN.md §7.18). Afterwards the threshold is glibc's
+    ceiling, where its own adjustment ends up: numpy's temporaries while packing stay on the
+    heap (mapping each afresh made packing ~30% slower)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not _libc():
+        yield
+        return
+    with _THRESHOLD_LOCK:
         _LIBC.mallopt(M_MMAP_THRESHOLD, BIG_BLOCK)
+        try:
+            yield
+        finally:
+            _LIBC.mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_MAX)
+
+
+_THRESHOLD_LOCK = threading.Lock()
 
 
 class SessionCache:

@@ -165,7 +165,7 @@ def test_a_request_during_a_switch_that_let_the_old_session_go_waits_for_it(arts
     np.testing.assert_array_equal(got, ref)
 
 
-def test_big_blocks_come_from_their_own_mappings_unless_the_user_chose(monkeypatch):
+def test_big_blocks_are_mapped_while_a_session_builds_unless_the_user_chose(monkeypatch):
     calls = []
 
     class FakeLibc:
@@ -177,8 +177,13 @@ def test_big_blocks_come_from_their_own_mappings_unless_the_user_chose(monkeypat
 
     monkeypatch.setattr(sw, "_LIBC", FakeLibc())
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    sw.map_big_blocks()
-    assert calls == [(sw.M_MMAP_THRESHOLD, 1 << 20)]
+    with sw.big_blocks_mapped():
+        assert calls == [(sw.M_MMAP_THRESHOLD, 1 << 20)]
+    assert calls[-1] == (sw.M_MMAP_THRESHOLD, 32 << 20)  # glibc's ceiling: packing stays on the heap
+    with pytest.raises(RuntimeError), sw.big_blocks_mapped():  # restored when the build fails too
+        raise RuntimeError
+    assert len(calls) == 4 and calls[-1] == (sw.M_MMAP_THRESHOLD, 32 << 20)
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    sw.map_big_blocks()
-    assert len(calls) == 1
+    with sw.big_blocks_mapped():
+        pass
+    assert len(calls) == 4
