@@ -35,6 +35,7 @@ from otaro.runtime.artifact import ArtifactError, read_manifest, verify_files
 from otaro.runtime.backends import BackendChoice, create_session, select_backend
 from otaro.runtime.chat import ChatTemplate, ChatTemplateError, Messages, check_messages
 from otaro.runtime.decoder import Batch, Decoder
+from otaro.runtime.hugepages import anonymous_ranges, collapse_new
 from otaro.runtime.sampling import Sampler, SamplingConfig
 from otaro.runtime.spill import Spill
 from otaro.runtime.switch import (Entry, Master, Precision, PrecisionSpec, SessionCache, SwitchReport, build_model,
@@ -153,9 +154,9 @@ class Runtime:
 
     def __init__(self, root: Path, manifest: dict, master: Master, backend: BackendChoice, tokenizer,
                  template: ChatTemplate | None, config: dict, threads: int | None, cache_bytes: int,
-                 spill: Spill | None = None):
+                 spill: Spill | None = None, huge_pages: bool = True):
         self.root, self.manifest, self.master, self.backend = root, manifest, master, backend
-        self._spill = spill
+        self._spill, self._huge_pages = spill, huge_pages
         self.tokenizer, self.chat_template, self.threads = tokenizer, template, threads
         self.layers: tuple[str, ...] = tuple(master.layers)
         self.bits_available: tuple[int, ...] = tuple(manifest["bits"])
@@ -178,7 +179,7 @@ class Runtime:
              accuracy_level: int | None = None, bits: PrecisionSpec | None = None,
              cache_bytes: int = DEFAULT_CACHE_BYTES, verify: bool = True,
              warm: Sequence[PrecisionSpec] = (), spin: bool = True, profile: str | os.PathLike | None = None,
-             fuse_siblings: bool = True, spill: bool = True) -> "Runtime":
+             fuse_siblings: bool = True, spill: bool = True, huge_pages: bool = True) -> "Runtime":
         """Read the artifact once and build the session of ``bits`` (default: the artifact's).
 
         ``accuracy_level`` of every MatMulNBits (default: the artifact's; 4 = int8 activations,
@@ -195,7 +196,9 @@ class Runtime:
         ``spill``: a precision's packed weights reach onnxruntime through a private temporary
         folder (under ``$TMPDIR``) instead of in-memory copies, so a switch needs about a third
         of the memory (:mod:`otaro.runtime.spill`); where that folder cannot be written the
-        runtime warns and builds in memory."""
+        runtime warns and builds in memory. ``huge_pages``: after each build the session's weights
+        are moved to 2 MiB pages (Linux transparent huge pages; fewer TLB misses while a decode
+        step streams them, :mod:`otaro.runtime.hugepages`); False leaves them on 4 KiB pages."""
         import onnxruntime as ort
 
         root = Path(artifact)
@@ -234,7 +237,7 @@ class Runtime:
             except Exception as e:  # the Rust parser raises its own exception type
                 raise ArtifactError(f"{root / 'tokenizer.json'} cannot be read: {e}") from None
         rt = cls(root, m, master, backend, tokenizer, ChatTemplate.find(root), cls._model_config(root, m), threads,
-                 cache_bytes, spill_dir)
+                 cache_bytes, spill_dir, bool(huge_pages))
         if isinstance(warm, (int, Mapping)):
             warm = [warm]
         prewarm = [rt.resolve(w) for w in warm]  # a bad spec fails before any session is built
@@ -264,6 +267,7 @@ class Runtime:
 
     def _build(self, bits: tuple[int, ...]) -> tuple[Entry, float, float]:
         t0 = time.perf_counter()
+        before = anonymous_ranges() if self._huge_pages else None
         with ThreadPoolExecutor(self.threads or os.cpu_count() or 1) as pool:  # numpy frees the GIL
             def build(spill):
                 return build_model(self.master, Precision(bits, ""), self.backend.container_for,
@@ -290,6 +294,9 @@ class Runtime:
                              f"{self.backend.backend}: {e}") from None
         finally:
             built.discard()  # the session holds what it still reads
+        release_freed_memory()  # the build's temporaries are gone by now
+        if before is not None:  # after the trim: its MADV_DONTNEED would split huge pages again
+            collapse_new(before)
         t2 = time.perf_counter()
         return Entry(bits, Decoder(session), built.packed_bytes, borrowed), t1 - t0, t2 - t1
 
@@ -328,12 +335,10 @@ class Runtime:
         except BaseException:
             self._restore(before)
             raise
+        # An old session the cache evicted was let go before the build (_drop_evicted), where
+        # its memory was handed back; trimming here would split the new session's huge pages.
         with self._lock:
-            old = self._active_entry
             self._active, self._active_entry, self._last_switch = precision, entry, report
-        if not report.cached and old is not None and old.bits not in self._cache.keys:
-            del old  # the last reference to an evicted session (unless a request holds it)
-            release_freed_memory()
         return report
 
     def _drop_evicted(self, evicted: list[tuple[int, ...]]) -> None:

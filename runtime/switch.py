@@ -645,8 +645,7 @@ class SessionCache:
                 if gone and before_build is not None:
                     before_build(gone)
             rss0 = rss_bytes()
-            e, derive_s, session_s = self._build(precision.bits)
-            release_freed_memory()  # the build's temporaries are gone by now
+            e, derive_s, session_s = self._build(precision.bits)  # it hands freed memory back itself
             rss1 = rss_bytes()
             extra = max(0, rss1 - rss0) if rss0 is not None and rss1 is not None else e.cost
             # onnxruntime holds more than the packed bytes (pre-packed copies, folded constants):
