@@ -231,6 +231,8 @@ def measure(args) -> dict:
                             warm=list(PLAIN_BITS), fuse_siblings=False)
     rt_traced = Runtime.load(traced_art, threads=args.threads, accuracy_level=4, cache_bytes=2 << 30, verify=False,
                              spin=SPIN, warm=list(TRACED_BITS))
+    for r in (rt, rt_plain, rt_traced):  # their weights' move to huge pages runs in the background
+        r.wait_for_huge_pages()
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if SPIN else "0")

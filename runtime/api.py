@@ -35,7 +35,7 @@ from otaro.runtime.artifact import ArtifactError, read_manifest, verify_files
 from otaro.runtime.backends import BackendChoice, create_session, select_backend
 from otaro.runtime.chat import ChatTemplate, ChatTemplateError, Messages, check_messages
 from otaro.runtime.decoder import Batch, Decoder
-from otaro.runtime.hugepages import anonymous_ranges, collapse_new
+from otaro.runtime.hugepages import Collapser, anonymous_ranges
 from otaro.runtime.sampling import Sampler, SamplingConfig
 from otaro.runtime.spill import Spill
 from otaro.runtime.switch import (Entry, Master, Precision, PrecisionSpec, SessionCache, SwitchReport, build_model,
@@ -157,6 +157,7 @@ class Runtime:
                  spill: Spill | None = None, huge_pages: bool = True):
         self.root, self.manifest, self.master, self.backend = root, manifest, master, backend
         self._spill, self._huge_pages = spill, huge_pages
+        self._collapser = Collapser()  # moves each build's weights to huge pages, in the background
         self.tokenizer, self.chat_template, self.threads = tokenizer, template, threads
         self.layers: tuple[str, ...] = tuple(master.layers)
         self.bits_available: tuple[int, ...] = tuple(manifest["bits"])
@@ -296,9 +297,15 @@ class Runtime:
             built.discard()  # the session holds what it still reads
         release_freed_memory()  # the build's temporaries are gone by now
         if before is not None:  # after the trim: its MADV_DONTNEED would split huge pages again
-            collapse_new(before)
+            self._collapser.submit(before)
         t2 = time.perf_counter()
         return Entry(bits, Decoder(session), built.packed_bytes, borrowed), t1 - t0, t2 - t1
+
+    def wait_for_huge_pages(self, timeout: float | None = None) -> bool:
+        """Block until the weights of every precision built so far are on huge pages (the move
+        runs in the background after each build, :mod:`otaro.runtime.hugepages`): for timing
+        decode at its steady speed. False if ``timeout`` seconds passed first."""
+        return self._collapser.wait(timeout)
 
     def end_profiling(self) -> list[Path]:
         """Close the profile of every cached session (``Runtime.load(..., profile=)``) and return

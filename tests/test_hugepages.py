@@ -61,3 +61,24 @@ def test_a_new_mapping_is_collapsed_into_huge_pages():
         del a
     finally:
         m.close()
+
+
+def test_the_collapser_runs_queued_builds_in_order_and_waits(monkeypatch):
+    import threading
+
+    seen, gate = [], threading.Event()
+
+    def fake(before):
+        gate.wait(5)
+        seen.append(before)
+        return 1 << 21
+
+    monkeypatch.setattr(hp, "collapse_new", fake)
+    c = hp.Collapser()
+    c.submit({(1, 2)})
+    c.submit({(3, 4)})
+    assert not c.wait(0.05)  # still running
+    gate.set()
+    assert c.wait(5) and seen == [{(1, 2)}, {(3, 4)}] and c.collapsed == 2 << 21
+    c.submit(set())  # a new thread once the last one finished
+    assert c.wait(5) and len(seen) == 3

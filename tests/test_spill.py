@@ -19,6 +19,7 @@ from otaro.export.artifact import ExportConfig, export
 from otaro.modules import convert
 from otaro.runtime import Runtime
 from otaro.runtime import api as rt_api
+from otaro.runtime import hugepages
 from otaro.runtime import spill as spill_mod
 from otaro.runtime import switch as sw
 
@@ -187,3 +188,16 @@ def test_big_blocks_are_mapped_while_a_session_builds_unless_the_user_chose(monk
     with sw.big_blocks_mapped():
         pass
     assert len(calls) == 4
+
+
+def test_huge_pages_move_in_the_background_and_can_be_turned_off(arts, monkeypatch):
+    asked = []
+    monkeypatch.setattr(hugepages, "collapse_new", lambda before: asked.append(before) or 0)
+    on = Runtime.load(arts["trunc"], accuracy_level=1, cache_bytes=0)
+    on.set_precision(3)
+    assert on.wait_for_huge_pages(10) and len(asked) == 2  # the build at load, then the switch's
+    assert all(isinstance(b, set) and b for b in asked)  # the mappings before each build
+    off = Runtime.load(arts["trunc"], accuracy_level=1, cache_bytes=0, huge_pages=False)
+    off.set_precision(3)
+    assert off.wait_for_huge_pages(10) and len(asked) == 2
+    np.testing.assert_array_equal(on.logits(PROMPT), off.logits(PROMPT))
