@@ -135,8 +135,9 @@ def markdown(res: dict) -> str:
         "collapse adds onnxruntime's prepacked weights. RSS is the same: the collapse moves pages, it does not add "
         "any. `build at load` is the first build (derive, pack, session); the move to huge pages runs after it on a "
         "background thread (`background move`: how long `Runtime.wait_for_huge_pages()` then waited; the decode "
-        "rounds start after it). Most of a first move is the kernel compacting memory to find free 2 MiB pages; "
-        "the moves after a switch are much shorter.",
+        "rounds start after it). The first move of a process is the longest (all its weights are new mappings; "
+        "after a switch, the new weights partly land in memory already marked, which the kernel backs with huge "
+        "pages as they are written).",
         "",
         "![hugepages](results/hugepages.png)",
     ]

@@ -295,11 +295,13 @@ class Runtime:
                              f"{self.backend.backend}: {e}") from None
         finally:
             built.discard()  # the session holds what it still reads
-        release_freed_memory()  # the build's temporaries are gone by now
+        packed = built.packed_bytes
+        del built  # the in-memory build's arrays: freed before the trim, so that it hands them back
+        release_freed_memory()
         if before is not None:  # after the trim: its MADV_DONTNEED would split huge pages again
             self._collapser.submit(before)
         t2 = time.perf_counter()
-        return Entry(bits, Decoder(session), built.packed_bytes, borrowed), t1 - t0, t2 - t1
+        return Entry(bits, Decoder(session), packed, borrowed), t1 - t0, t2 - t1
 
     def wait_for_huge_pages(self, timeout: float | None = None) -> bool:
         """Block until the weights of every precision built so far are on huge pages (the move
