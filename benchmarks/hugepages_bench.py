@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from results_md import publish  # noqa: E402
+from results_md import publish, save_figure  # noqa: E402
 
 ROUNDS_PER_PROCESS = 3
 
@@ -159,18 +159,16 @@ def plot(res: dict, path: Path) -> None:
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"SmolLM2-135M, otaro runtime, {res['threads']} thread(s)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bits", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8],
+                    help="bit-widths to load at, comma-separated (default 2,4,8)")
     ap.add_argument("--reps", type=int, default=5, help="processes per setting and b")
-    ap.add_argument("--bits", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8])
-    args = ap.parse_args()
-    print(publish("hugepages", measure(args), plot, markdown))
+    ap.add_argument("--threads", type=int, default=2)
+    print(publish("hugepages", measure(ap.parse_args()), plot, markdown))
 
 
 if __name__ == "__main__":

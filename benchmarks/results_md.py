@@ -65,3 +65,12 @@ def publish(name: str, result: dict, plot, markdown) -> str:
     body = markdown(result)
     update_section(name, body)
     return body
+
+
+def save_figure(fig, path) -> None:
+    """Lay out, write at the resolution every benchmark plot uses, and free the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
