@@ -38,20 +38,28 @@ import numpy as np
 ALIGN = 1 << 16
 
 
+_SEEK_LOCK = threading.Lock()  # where os.pwrite is missing (Windows): seek + write, one at a time
+
+
 def _pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
     view = memoryview(np.ascontiguousarray(buf)).cast("B")
     while view:
-        n = os.pwrite(fd, view, offset)
+        if hasattr(os, "pwrite"):
+            n = os.pwrite(fd, view, offset)
+        else:
+            with _SEEK_LOCK:
+                os.lseek(fd, offset, os.SEEK_SET)
+                n = os.write(fd, view)
         view, offset = view[n:], offset + n
 
 
 class BuildFile:
     """One build's packed weights: slots reserved up front, filled by pool threads (``pwrite``
-    needs no lock: slots do not overlap)."""
+    needs no lock: slots do not overlap). Opened in binary mode where that exists (Windows)."""
 
     def __init__(self, path: Path):
         self.path, self.size = path, 0
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
 
     def reserve(self, nbytes: int) -> int:
         offset = -(-self.size // ALIGN) * ALIGN
@@ -88,7 +96,8 @@ class Spill:
         self._lock = threading.Lock()
         self._count = 0
         try:
-            fd = os.open(self.folder / data_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(self.folder / data_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                         0o600)
             try:
                 os.ftruncate(fd, data.size)  # sparse: every offset of the artifact is valid
             finally:
@@ -103,7 +112,7 @@ class Spill:
             todo = sorted(set(ranges) - self._written)
             if not todo:
                 return
-            fd = os.open(self.folder / self._data_name, os.O_WRONLY)
+            fd = os.open(self.folder / self._data_name, os.O_WRONLY | getattr(os, "O_BINARY", 0))
             try:
                 for off, n in todo:
                     _pwrite_all(fd, self._data[off:off + n], off)

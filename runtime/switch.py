@@ -4,14 +4,15 @@
 The artifact is read from disk once (:class:`Master`): the graph without weights, the raw bytes
 of ``model.onnx_data``, and each layer's int8 mantissas ``[K, N]`` / ``scale8 [groups, N]`` as
 views into those bytes. A precision's model is the same graph where every ``ai.otaro.SefpMatMul``
-node becomes a ``com.microsoft.MatMulNBits`` in the container for its bits. Every tensor of it
-is *external data held in memory* (``add_external_initializers_from_files_in_memory``): the
-master bytes under their own file name, each packed array under a file name of its own. So
-nothing is re-read from disk, nothing is copied into protobuf, and models above protobuf's 2 GB
-limit build like small ones. onnxruntime copies those buffers into the session ("the buffer can
-be freed after session creation", OrtApi docs; checked on 1.32), so the packed arrays live only
-until the session exists. The float weights (embeddings, untied head) are the same at every
-precision: sessions borrow them from the master (``add_initializer``) instead of copying them.
+node becomes a ``com.microsoft.MatMulNBits`` in the container for its bits. Its packed
+weights reach onnxruntime through a file in the runtime's spill folder (:mod:`otaro.runtime.spill`):
+each layer is packed, written to its rows and freed, and onnxruntime maps the file and reads
+each weight once while it prepacks. Without a spill folder every tensor is *external data held
+in memory* (``add_external_initializers_from_files_in_memory``), which onnxruntime copies into
+the session before it prepacks. Either way nothing is re-read from the artifact and nothing is
+copied into protobuf, so models above protobuf's 2 GB limit build like small ones. The float
+weights (embeddings, untied head) are the same at every precision: sessions borrow them from
+the master (``add_initializer``) instead of copying them.
 
 A layer whose code has no container on the backend (``midpoint`` at 8 bits: a 9-bit code) keeps
 its ``SefpMatMul`` node with a constant bits input; onnxruntime folds it to a float weight.
@@ -39,8 +40,8 @@ from otaro.errors import FormatError, OtaroError
 from otaro.formats import onnx_ops as ops
 from otaro.formats.sefp import derive_codes
 from otaro.formats.table import TOP_BITS, SEFPFormat, check_bits
-from otaro.runtime.spill import BuildFile, Spill
 from otaro.runtime.artifact import ArtifactError
+from otaro.runtime.spill import BuildFile, Spill
 
 PrecisionSpec = Union[int, Mapping[str, int]]
 

@@ -201,3 +201,16 @@ def test_huge_pages_move_in_the_background_and_can_be_turned_off(arts, monkeypat
     off.set_precision(3)
     assert off.wait_for_huge_pages(10) and len(asked) == 2
     np.testing.assert_array_equal(on.logits(PROMPT), off.logits(PROMPT))
+
+
+def test_writes_without_pwrite_seek_and_write(tmp_path, monkeypatch):
+    """Windows has no os.pwrite: the spill file is written with seek + write instead."""
+    monkeypatch.delattr(spill_mod.os, "pwrite")
+    f = spill_mod.BuildFile(tmp_path / "~packed-1.bin")
+    a, b = f.reserve(10), f.reserve(3)
+    f.write(np.arange(3, dtype=np.uint8), b)
+    f.write(np.arange(10, dtype=np.uint8) + 100, a)
+    f.close()
+    data = (tmp_path / "~packed-1.bin").read_bytes()
+    assert b == spill_mod.ALIGN and len(data) == b + 3
+    assert data[:10] == bytes(range(100, 110)) and data[b:] == bytes([0, 1, 2]) and not any(data[10:b])
