@@ -317,7 +317,8 @@ def markdown(res: dict) -> str:
         "that read the same activation (q/k/v, gate/up) run as one MatMulNBits, 2-bit layers through MLAS's "
         "lookup-table kernel; `otaro plain` is the same artifact without those three (one MatMulNBits per layer, the "
         "KV cache handed to numpy and back every step, as before); `otaro traced` is the same checkpoint exported "
-        "with the optimum trace (`--graph traced`). llama.cpp's Q4_0/Q8_0/F32 are requantized from the shipped Q4_1 "
+        "with the optimum trace (`--graph traced`). Every otaro row's weights are moved to 2 MiB huge pages after "
+        "each build (the default; waited for before timing; RESULTS \"hugepages\" has its own A/B). llama.cpp's Q4_0/Q8_0/F32 are requantized from the shipped Q4_1 "
         "file.",
         "",
         "| engine | decode tok/s | rounds min–max | ×llama.cpp Q4_0 | Python ms/token | prefill tok/s | peak RSS MiB | "
