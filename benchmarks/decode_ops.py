@@ -45,11 +45,13 @@ def measure(art: Path, bits: int, threads: int, new: int, prompt: list[int], wor
     from runtime_bench import time_round
 
     plain = Runtime.load(art, bits=bits, threads=threads, accuracy_level=4, verify=False)
+    plain.wait_for_huge_pages()  # the weights' move to huge pages runs in the background
     time_round(plain.decoder, prompt, 4)  # warm-up
     plain_ms = statistics.median(1000 / time_round(plain.decoder, prompt, new)[1] for _ in range(3))
     del plain
     rt = Runtime.load(art, bits=bits, threads=threads, accuracy_level=4, verify=False,
                       profile=work / f"b{bits}")
+    rt.wait_for_huge_pages()
     time_round(rt.decoder, prompt, new)
     (trace,) = rt.end_profiling()
     b = op_breakdown(read_trace(trace), skip=1)  # the prefill left out

@@ -210,6 +210,7 @@ def measure_bits(rt, b: int, ids: list[int], cfg: ProfileConfig) -> dict:
     reset_ok = reset_peak_memory()
     rep = rt.set_precision(b)  # cold: the previous precision is evicted (cache budget 0)
     switch_peak = _proc_status("VmHWM") if reset_ok else None
+    rt.wait_for_huge_pages()  # timed at the steady speed, without the background move beside it
     gc.collect()
     reset_ok = reset_peak_memory()
     dec = rt.decoder
