@@ -7,8 +7,8 @@ live in glibc's heaps and mappings, which glibc does not mark for transparent hu
 arrays, so the master bytes were already huge; the weights that decoding reads were not. After a
 session is built, the runtime marks the anonymous mappings that appeared or grew during the
 build (``MADV_HUGEPAGE``) and collapses them into 2 MiB pages now (``MADV_COLLAPSE``, Linux 6.1+;
-older kernels leave it to khugepaged). Measured on SmolLM2 at b = 4 (docs/DESIGN.md §7.18):
-+15-30% decode tokens/s, the same RSS, ~20 ms per switch. glibc's own switch for this,
+older kernels leave it to khugepaged). Measured on SmolLM2 (benchmarks/RESULTS.md "hugepages"):
+1.05-1.09x decode tokens/s at b = 2, 4, 8, the same RSS. glibc's own switch for this,
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, must be set before the process starts; this works in
 any process.
 
@@ -28,6 +28,8 @@ from __future__ import annotations
 import sys
 import threading
 
+from otaro.runtime import libc
+
 HUGE = 2 << 20
 MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25
@@ -36,22 +38,20 @@ _LIBC = None
 
 
 def _madvise():
+    """The C library with ``madvise`` and ``mincore`` typed, or False (not Linux, none loaded)."""
     global _LIBC
     if _LIBC is None:
-        _LIBC = False
-        if sys.platform.startswith("linux"):
-            try:
-                import ctypes
-                import ctypes.util
+        lib = libc.load() if sys.platform.startswith("linux") else None
+        if lib is not None and hasattr(lib, "madvise") and hasattr(lib, "mincore"):
+            import ctypes
 
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-                lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                lib.madvise.restype = ctypes.c_int
-                lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
-                lib.mincore.restype = ctypes.c_int
-                _LIBC = lib
-            except (OSError, AttributeError):
-                pass
+            lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            lib.madvise.restype = ctypes.c_int
+            lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+            lib.mincore.restype = ctypes.c_int
+            _LIBC = lib
+        else:
+            _LIBC = False
     return _LIBC
 
 

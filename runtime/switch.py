@@ -40,6 +40,7 @@ from otaro.errors import FormatError, OtaroError
 from otaro.formats import onnx_ops as ops
 from otaro.formats.sefp import derive_codes
 from otaro.formats.table import TOP_BITS, SEFPFormat, check_bits
+from otaro.runtime import libc
 from otaro.runtime.artifact import ArtifactError
 from otaro.runtime.spill import BuildFile, Spill
 
@@ -551,14 +552,8 @@ def _libc():
     """glibc, or False where there is none (other libcs, other systems)."""
     global _LIBC
     if _LIBC is None:
-        try:
-            import ctypes
-            import ctypes.util
-
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC = lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else False
-        except OSError:
-            _LIBC = False
+        lib = libc.load()
+        _LIBC = lib if lib is not None and hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else False
     return _LIBC
 
 
