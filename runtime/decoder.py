@@ -76,14 +76,22 @@ class SharedKV:
     """A KV cache that onnxruntime updates in place (GroupQueryAttention graphs): one buffer
     ``[batch, kv_heads, capacity, head_dim]`` per past input, bound as that input and as its
     present output. ``capacity`` only grows (doubling, in steps of ``STEP`` positions); the
-    positions a sequence holds are ``[:length]`` of each buffer."""
+    positions a sequence holds are ``[:length]`` of each buffer.
+
+    ``device`` None: the buffers are numpy arrays that onnxruntime writes through (the CPU
+    provider reads and writes host memory). ``(device_type, device_id)``, e.g. ``("cuda", 0)``:
+    the buffers are OrtValues that onnxruntime allocates on that device, so a GPU session keeps
+    its cache where its attention runs; bound from host memory instead, every step would copy
+    the whole cache to the device and back. Growth there goes through host memory, which is
+    rare (log2 of the length, in steps of ``STEP``)."""
 
     STEP = 256  # positions added at a time, at least: one reallocation per 256 decode steps at worst
 
-    def __init__(self, io: DecoderIO, batch: int):
+    def __init__(self, io: DecoderIO, batch: int, device: tuple[str, int] | None = None):
         self.io, self.batch, self.capacity, self.length = io, batch, 0, 0
-        self.buffers: dict[str, np.ndarray] = {}
-        self.values: dict[str, object] = {}  # OrtValues over self.buffers (same memory)
+        self.device = device
+        self.buffers: dict[str, np.ndarray] = {}  # host arrays (device None only)
+        self.values: dict[str, object] = {}  # OrtValues: over self.buffers (same memory), or on the device
         # The IOBinding of the last run, kept across steps so the KV buffers are bound once per
         # (session, capacity): rebinding 2 x layers OrtValues and reading them back as outputs
         # cost ~0.15 ms per step on SmolLM2, ~2% of a decode step.
@@ -101,22 +109,49 @@ class SharedKV:
         cap = -(-cap // self.STEP) * self.STEP
         for n, (h, d) in self.io.kv_shape.items():
             buf = np.zeros((self.batch, h, cap, d), self.io.kv_dtype)
-            if n in self.buffers:
-                buf[:, :, :self.capacity] = self.buffers[n]
-            self.buffers[n] = buf
-            self.values[n] = ort.OrtValue.ortvalue_from_numpy(buf)
+            if self.device is None:
+                if n in self.buffers:
+                    buf[:, :, :self.capacity] = self.buffers[n]
+                self.buffers[n] = buf
+                self.values[n] = ort.OrtValue.ortvalue_from_numpy(buf)
+                continue
+            if n in self.values:  # the filled part, by way of the host
+                buf[:, :, :self.capacity] = self.values[n].numpy()
+            value = ort.OrtValue.ortvalue_from_shape_and_type(buf.shape, buf.dtype, *self.device)
+            value.update_inplace(buf)  # zeros beyond the filled part, as on the host path
+            self.values[n] = value
         self.capacity = cap
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The cache as the numpy path holds it: ``[batch, kv_heads, length, head_dim]`` views."""
-        return {n: b[:, :, :self.length] for n, b in self.buffers.items()}
+        """The cache as the numpy path holds it: ``[batch, kv_heads, length, head_dim]`` (views of
+        the host buffers; copies from a device)."""
+        if self.device is None:
+            return {n: b[:, :, :self.length] for n, b in self.buffers.items()}
+        return {n: v.numpy()[:, :, :self.length] for n, v in self.values.items()}
+
+
+# The execution providers whose sessions keep the in-place cache on their own device (the
+# device type onnxruntime's OrtValue takes); any other provider reads and writes host memory.
+KV_DEVICES = {"CUDAExecutionProvider": "cuda"}
+
+
+def session_kv_device(session) -> tuple[str, int] | None:
+    """Where ``session`` wants an in-place KV cache: None for host memory, else (type, id)."""
+    providers = session.get_providers() if hasattr(session, "get_providers") else []
+    provider = providers[0] if providers else "CPUExecutionProvider"
+    device = KV_DEVICES.get(provider)
+    if device is None:
+        return None
+    options = (session.get_provider_options() or {}).get(provider, {})
+    return device, int(options.get("device_id", 0) or 0)
 
 
 class Decoder:
     """Prefill + step-by-step decode. The KV cache is a dict of numpy arrays (fed in, read back
     every step) or, on a GroupQueryAttention graph, a :class:`SharedKV` updated in place."""
 
-    def __init__(self, session, extra_feeds: dict[str, np.ndarray] | None = None, shared_kv: bool | None = None):
+    def __init__(self, session, extra_feeds: dict[str, np.ndarray] | None = None, shared_kv: bool | None = None,
+                 kv_device: tuple[str, int] | None | str = "auto"):
         self.session = session
         self.io = DecoderIO.of(session)
         self.extra_feeds = dict(extra_feeds or {})
@@ -128,10 +163,12 @@ class Decoder:
             raise ValueError("shared_kv=True needs a GroupQueryAttention decoder (an `otaro export --graph fused` "
                              "artifact): this graph's attention copies its cache into new presents")
         self.shared_kv = can_share if shared_kv is None else bool(shared_kv)
+        # Where a SharedKV lives: "auto" follows the session's first provider (session_kv_device).
+        self.kv_device = session_kv_device(session) if kv_device == "auto" else kv_device
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray] | SharedKV:
         if self.shared_kv:
-            return SharedKV(self.io, batch)
+            return SharedKV(self.io, batch, self.kv_device)
         return {n: np.zeros((batch, h, 0, d), self.io.kv_dtype) for n, (h, d) in self.io.kv_shape.items()}
 
     def _feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:

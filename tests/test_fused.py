@@ -154,16 +154,20 @@ def test_missing_builder_is_a_clear_error(tmp_path, monkeypatch):
 def test_in_place_kv_cache_matches_the_numpy_hand_off(arts, monkeypatch):
     """The fused graph's cache is updated in place (SharedKV, GroupQueryAttention's shared
     buffer): same logits as feeding the past in and reading the presents back, bit for bit,
-    through a prefill, a multi-token extend, single steps, a batch and buffer growth."""
+    through a prefill, a multi-token extend, single steps, a batch and buffer growth. The same
+    holds for the cache a GPU session keeps on its device: OrtValues that onnxruntime allocates
+    (here on the CPU, the only device this test has), grown by way of the host."""
     from otaro.runtime.decoder import SharedKV
 
     _, out = arts
     sess = ort.InferenceSession(str(out["fused"] / "model.onnx"), providers=["CPUExecutionProvider"])
     shared, plain = Decoder(sess), Decoder(sess, shared_kv=False)
+    on_device = Decoder(sess, kv_device=("cpu", 0))
     assert shared.shared_kv and not plain.shared_kv
+    assert shared.kv_device is None  # a CPU session: numpy buffers onnxruntime writes through
     assert isinstance(shared.empty_past(1), SharedKV) and isinstance(plain.empty_past(1), dict)
     monkeypatch.setattr(SharedKV, "STEP", 8)  # grow every few steps: the copy on growth is exercised
-    for dec in (shared, plain):
+    for dec in (shared, plain, on_device):
         dec.run = []
         ids = np.array([PROMPTS[2]], np.int64)
         past = dec.empty_past(1)
@@ -177,21 +181,46 @@ def test_in_place_kv_cache_matches_the_numpy_hand_off(arts, monkeypatch):
             logits, past = dec.forward(tok, np.ones((1, total), np.int64), past)
             dec.run.append(logits)
         dec.past = past
-    for a, b in zip(shared.run, plain.run):
+    for a, b, c in zip(shared.run, plain.run, on_device.run):
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(c, b)
     assert shared.past.capacity >= shared.past.length == ids.shape[1] + 12
-    for name, arr in shared.past.arrays().items():
-        np.testing.assert_array_equal(arr, plain.past[name])
+    assert on_device.past.capacity == shared.past.capacity and not on_device.past.buffers
+    for past in (shared.past, on_device.past):
+        for name, arr in past.arrays().items():
+            np.testing.assert_array_equal(arr, plain.past[name])
     # a right-padded batch, several steps
     got = {}
-    for dec in (shared, plain):
+    for dec in (shared, plain, on_device):
         bt = Batch(dec, PROMPTS, pad_id=0)
         rows = [bt.prefill()]
         for _ in range(5):
             rows.append(bt.step(rows[-1].argmax(-1)))
-        got[dec is shared] = rows
-    for a, b in zip(got[True], got[False]):
+        got[id(dec)] = rows
+    for a, b, c in zip(got[id(shared)], got[id(plain)], got[id(on_device)]):
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(c, b)
+
+
+def test_a_gpu_session_keeps_its_cache_on_its_device():
+    """Which device the in-place cache lives on follows the session's first provider."""
+    from otaro.runtime.decoder import session_kv_device
+
+    class Fake:
+        def __init__(self, providers, options):
+            self.providers, self.options = providers, options
+
+        def get_providers(self):
+            return self.providers
+
+        def get_provider_options(self):
+            return self.options
+
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert session_kv_device(Fake(cuda, {"CUDAExecutionProvider": {"device_id": "1"}})) == ("cuda", 1)
+    assert session_kv_device(Fake(cuda, {})) == ("cuda", 0)
+    assert session_kv_device(Fake(["CPUExecutionProvider"], {})) is None
+    assert session_kv_device(object()) is None  # a stand-in without providers: host memory
 
 
 def test_in_place_kv_cache_refuses_a_mismatched_step(arts):
