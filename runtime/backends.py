@@ -139,4 +139,18 @@ def create_session(choice: BackendChoice, model: bytes, files: dict, shared: dic
     borrowed = tuple(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in shared.values())
     for name, value in zip(shared, borrowed):
         so.add_initializer(name, value)
-    return ort.InferenceSession(model, so, providers=list(choice.providers)), borrowed
+    session = ort.InferenceSession(model, so, providers=list(choice.providers))
+    check_provider(choice, session.get_providers())
+    return session, borrowed
+
+
+def check_provider(choice: BackendChoice, running: Sequence[str]) -> None:
+    """onnxruntime drops a provider it cannot start (onnxruntime-gpu without the CUDA or cuDNN
+    libraries it was built for) and runs on the CPU instead, printing to its log; a ``device``
+    the user asked for is an error instead, not a silent CPU run."""
+    need = choice.providers[0]
+    if need not in running:
+        raise OtaroError(f"onnxruntime could not start {need} for device {choice.device!r} (it fell back to "
+                         f"{', '.join(running) or 'nothing'}): the CUDA and cuDNN libraries that this "
+                         f"onnxruntime-gpu was built for must be installed and found (see onnxruntime's "
+                         f"CUDA requirements for its version)")

@@ -297,6 +297,18 @@ def test_select_backend_is_a_pure_choice():
         select_backend("cpu", ["CPUExecutionProvider"], accuracy_level=7)
 
 
+def test_a_device_onnxruntime_could_not_start_is_an_error_not_a_cpu_run():
+    """onnxruntime-gpu without its CUDA libraries falls back to the CPU provider on its own;
+    the runtime says so instead of running a `device="cuda"` request on the CPU."""
+    from otaro.runtime.backends import check_provider
+
+    cuda = select_backend("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    check_provider(cuda, ["CUDAExecutionProvider", "CPUExecutionProvider"])  # started: nothing to say
+    with pytest.raises(OtaroError, match="could not start CUDAExecutionProvider.*fell back to CPUExecutionProvider"):
+        check_provider(cuda, ["CPUExecutionProvider"])
+    check_provider(select_backend("cpu", ["CPUExecutionProvider"]), ["CPUExecutionProvider"])
+
+
 def test_tied_head_transpose_before_the_layers_loads_and_runs(artifacts, runtimes, tmp_path):
     """Regression: the runtime removes the tied head's Transpose; with that node *before* the
     SEFP layers (Gemma-style graphs) the recorded node indices shifted and build_model raised
