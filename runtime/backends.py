@@ -40,7 +40,10 @@ BACKENDS: dict[str, Backend] = {
     for b in (
         Backend("onnxruntime-cpu", "cpu", ("CPUExecutionProvider",), (2, 4, 8), "pip install onnxruntime"),
         Backend("onnxruntime-cuda", "cuda", ("CUDAExecutionProvider", "CPUExecutionProvider"), (4, 8),
-                "pip install 'otaro[gpu]' (onnxruntime-gpu, which brings the CUDAExecutionProvider)"),
+                # onnxruntime and onnxruntime-gpu install the same Python package: with both, the
+                # one installed last owns its files, so the hint swaps one for the other.
+                "onnxruntime-gpu in place of onnxruntime: pip uninstall -y onnxruntime onnxruntime-gpu && "
+                "pip install onnxruntime-gpu"),
     )
 }
 
