@@ -20,7 +20,8 @@ The collapse copies each 2 MiB span into a fresh huge page: for the first build 
 weights partly land in memory already marked, which the kernel backs with huge pages as they are
 written). So :class:`Collapser` does it on a background thread: the
 session is usable at once (on 4 KiB pages until its spans are moved; the kernel moves live
-memory safely), and the build's time does not include it.
+memory safely), and the build's time does not include it. The thread runs at nice 19: the copy
+is CPU work that competes with the first request after a build (docs/DESIGN.md §7.18).
 """
 
 from __future__ import annotations
@@ -116,6 +117,18 @@ def collapse_new(before: set[tuple[int, int]]) -> int:
     return total
 
 
+def _lower_priority() -> None:
+    """The calling thread yields the CPU to every normal one (Linux: a thread's nice value is
+    its own). Moving pages is never urgent; on 2 cores, at normal priority it had slowed the first
+    request after a switch by 50-170 ms."""
+    import os
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: normal priority
+        pass
+
+
 class Collapser:
     """:func:`collapse_new` on one background thread, builds queued in order (a later build's
     ranges are collected when its turn comes, so nothing is asked twice). ``wait()`` returns
@@ -135,6 +148,7 @@ class Collapser:
                 threading.Thread(target=self._run, name="otaro-hugepages", daemon=True).start()
 
     def _run(self) -> None:
+        _lower_priority()
         while True:
             with self._cv:
                 if not self._queue:

@@ -82,3 +82,19 @@ def test_the_collapser_runs_queued_builds_in_order_and_waits(monkeypatch):
     assert c.wait(5) and seen == [{(1, 2)}, {(3, 4)}] and c.collapsed == 2 << 21
     c.submit(set())  # a new thread once the last one finished
     assert c.wait(5) and len(seen) == 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's")
+def test_the_collapser_thread_yields_the_cpu(monkeypatch):
+    """Moving pages is never urgent: the thread runs at nice 19, so it takes the cores only when
+    the request it would slow does not need them."""
+    import os
+    import threading
+
+    nice = []
+    monkeypatch.setattr(hp, "collapse_new", lambda before: nice.append(
+        os.getpriority(os.PRIO_PROCESS, threading.get_native_id())) or 0)
+    c = hp.Collapser()
+    c.submit(set())
+    assert c.wait(5) and nice == [19]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # only that thread

@@ -50,6 +50,22 @@ def test_interactive_session_switches_precision(art):
     assert "precision 3 (warm" in out  # the second /bits 3 was already active
 
 
+def test_one_shot_leaves_the_weights_on_small_pages(art, monkeypatch):
+    """A one-shot run is over before moving its weights to huge pages would pay: it skips it;
+    an interactive session moves them in the background while the user types."""
+    asked = []
+    load = Runtime.load.__func__
+
+    def spy(cls, *a, **k):
+        asked.append(k["huge_pages"])
+        return load(cls, *a, **k)
+
+    monkeypatch.setattr(Runtime, "load", classmethod(spy))
+    assert invoke("run", art, "--prompt", "Hi", "--max-new-tokens", 2).exit_code == 0
+    assert invoke("run", art, "--max-new-tokens", 2, input="Hi\n/quit\n").exit_code == 0
+    assert asked == [False, True]
+
+
 def test_bad_artifact_is_one_line(tmp_path, art):
     res = invoke("run", tmp_path / "missing", "--prompt", "x")
     assert res.exit_code == 1 and "does not exist" in res.output and "Traceback" not in res.output
