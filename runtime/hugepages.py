@@ -135,6 +135,9 @@ class Collapser:
     when every queued collapse is done."""
 
     def __init__(self):
+        # Bound now: a collapser still running for an earlier runtime keeps the function it
+        # was made with (tests replace the module's).
+        self._collapse = collapse_new
         self._cv = threading.Condition()
         self._queue: list[set[tuple[int, int]]] = []
         self._busy = False
@@ -157,7 +160,7 @@ class Collapser:
                     return
                 before = self._queue.pop(0)
             try:
-                n = collapse_new(before)
+                n = self._collapse(before)
             except Exception:  # advice only: a failure leaves the memory as it was
                 n = 0
             with self._cv:

@@ -402,6 +402,22 @@ def _fuse_siblings(g: onnx.GraphProto, group: list[str], master: "Master", tenso
     return drop, {layers[0].node: put}
 
 
+# Bytes of stored code one pool task packs at most: a layer is cut into slices of output columns
+# (rows of the packed weight) of about this size; on SmolLM2 that cuts only the tied head
+# (49152 x 576, a fifth of the weights), which had been one task: packed last, it ran with the
+# other threads idle; packed first, its whole-size temporaries (~28 MB each) left holes in the
+# threads' heaps that a switch keeping its old precision then held (+8-57 MiB at its peak).
+# Scratch runs on SmolLM2 (derive+pack of a cold switch; RSS after the load at b = 8): one task per
+# layer 0.20-0.24 s; 1 MiB slices 0.12-0.15 s, same RSS; 4 MiB 0.13-0.16 s but +12 MB RSS;
+# 16 MiB 0.16-0.22 s.
+PACK_CHUNK_BYTES = 1 << 20
+
+
+def _column_chunks(name: str, layer: StoredLayer) -> list[tuple[str, int, int]]:
+    step = max(16, PACK_CHUNK_BYTES // max(layer.K, 1))
+    return [(name, a, min(a + step, layer.N)) for a in range(0, layer.N, step)]
+
+
 def build_model(master: Master, precision: Precision, containers: Callable[[int], int | None],
                 accuracy_level: int, pool: Executor, fuse_siblings: bool = True, spill: "Spill | None" = None
                 ) -> BuiltModel:
@@ -432,13 +448,15 @@ def build_model(master: Master, precision: Precision, containers: Callable[[int]
             for n, lo, hi in zip(unit, np.cumsum([0] + N[:-1]), np.cumsum(N)):
                 rows[n] = (slots, int(lo), int(hi))
 
-        def pack(n: str) -> None:
-            slots, lo, hi = rows[n]
-            sink.fill(slots, lo, hi, lambda out: pack_layer(master.layers[n], fmt, plan[n][0], plan[n][1], out))
+        def pack(item: tuple[str, int, int]) -> None:
+            n, a, b = item
+            slots, lo, _ = rows[n]
+            layer = master.layers[n]
+            if (a, b) != (0, layer.N):  # a slice of output columns: views, no copy
+                layer = dataclasses.replace(layer, mantissa=layer.mantissa[:, a:b], scale8=layer.scale8[:, a:b])
+            sink.fill(slots, lo + a, lo + b, lambda out: pack_layer(layer, fmt, plan[n][0], plan[n][1], out))
 
-        # Largest first: the tied head alone is ~a fifth of the weights, and packed last it ran
-        # with the other threads idle.
-        list(pool.map(pack, sorted(rows, key=lambda n: -master.layers[n].mantissa.size)))
+        list(pool.map(pack, [c for n in rows for c in _column_chunks(n, master.layers[n])]))
         if build_file:
             build_file.close()
         return _edit_graph(master, plan, groups, units, unit_tensors, accuracy_level, files, spill, build_file)

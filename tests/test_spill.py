@@ -191,6 +191,25 @@ def test_big_blocks_are_mapped_while_a_session_builds_unless_the_user_chose(monk
     assert len(calls) == 4
 
 
+@pytest.mark.parametrize("spill", [True, False])
+def test_layers_packed_in_column_slices_give_the_same_logits(arts, monkeypatch, spill):
+    """A pool task packs at most PACK_CHUNK_BYTES of stored code (a slice of a layer's output
+    columns, so a big head is spread over the threads): cut into the smallest slices, every
+    precision's logits are the same as with whole layers."""
+    whole = Runtime.load(arts["trunc"], accuracy_level=1, cache_bytes=0, spill=spill)
+    def tasks():
+        return sum(len(sw._column_chunks(n, layer)) for n, layer in whole.master.layers.items())
+
+    assert tasks() == len(whole.master.layers)  # tiny layers: one task each
+    monkeypatch.setattr(sw, "PACK_CHUNK_BYTES", 1)  # 16 columns a task, the least
+    sliced = Runtime.load(arts["trunc"], accuracy_level=1, cache_bytes=0, spill=spill)
+    assert tasks() > 2 * len(whole.master.layers)  # layers really were cut
+    for b in (8, 3, 2):
+        whole.set_precision(b)
+        sliced.set_precision(b)
+        np.testing.assert_array_equal(sliced.logits(PROMPT), whole.logits(PROMPT))
+
+
 def test_huge_pages_move_in_the_background_and_can_be_turned_off(arts, monkeypatch):
     asked = []
     monkeypatch.setattr(hugepages, "collapse_new", lambda before: asked.append(before) or 0)
