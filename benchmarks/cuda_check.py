@@ -49,7 +49,7 @@ def decode_round(rt, ids: list[int]) -> dict:
     dec = rt.decoder
     x = np.asarray([ids], np.int64)
     t0 = time.perf_counter()
-    logits, past = dec.forward(x, np.ones_like(x), dec.empty_past(1))
+    logits, past = dec.forward(x, np.ones_like(x), dec.empty_past(1), rows=[[len(ids) - 1]])
     prefill = len(ids) / (time.perf_counter() - t0)
     mask = np.ones_like(x)
     t0 = time.perf_counter()

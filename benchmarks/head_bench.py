@@ -101,13 +101,11 @@ def iobinding_decoder(session):
     from otaro.runtime.decoder import Decoder
 
     class IOBindingDecoder(Decoder):
-        def forward(self, input_ids, attention_mask, past):
+        def forward(self, input_ids, attention_mask, past, rows=None):
             b = self.session.io_binding()
-            b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
-            b.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
-            if self.io.has_position_ids:
-                pos = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)[:, -input_ids.shape[1]:]
-                b.bind_cpu_input("position_ids", np.ascontiguousarray(pos, np.int64))
+            feeds = self._feeds(input_ids, attention_mask, None if rows is None else np.asarray(rows, np.int64))
+            for name, v in feeds.items():
+                b.bind_cpu_input(name, v)
             for name, v in past.items():
                 if isinstance(v, np.ndarray):
                     b.bind_cpu_input(name, v)
@@ -117,7 +115,7 @@ def iobinding_decoder(session):
                 b.bind_output(name, "cpu")
             self.session.run_with_iobinding(b)
             out = b.get_outputs()
-            return out[0].numpy(), dict(zip(self.io.past_names, out[1:]))
+            return self._pick(out[0].numpy(), rows), dict(zip(self.io.past_names, out[1:]))
 
     return IOBindingDecoder(session)
 

@@ -71,7 +71,7 @@ def time_round(dec, prompt: list[int], new: int) -> tuple[float, float]:
     x = np.asarray([prompt], np.int64)
     mask = np.ones_like(x)
     t0 = time.perf_counter()
-    logits, past = dec.forward(x, mask, dec.empty_past(1))
+    logits, past = dec.forward(x, mask, dec.empty_past(1), rows=[[x.shape[1] - 1]])  # as generation asks
     t1 = time.perf_counter()
     for _ in range(new):
         tok = np.argmax(logits[:, -1], axis=-1)[:, None].astype(np.int64)

@@ -33,6 +33,10 @@ RESET_KEY = "otaro.recompute_past_after"  # written by the exporter (otaro/arch/
 # "right": the graph reads each row's length from the attention mask and wants the real tokens
 # first (onnxruntime's GroupQueryAttention: the fused graph of otaro/export/fused.py).
 PADDING_KEY = "otaro.padding"
+# An input of the graphs the runtime builds (otaro.runtime.switch): [batch, k, 1] indices into
+# each row's new tokens, the positions whose logits the run computes (the head runs on those
+# rows of the hidden state only). Generation asks for one per row.
+LOGIT_ROWS = "logit_rows"
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class DecoderIO:
     extra_inputs: tuple[str, ...]  # inputs we do not feed (e.g. a run-time bits input)
     recompute_past_after: int | None = None  # total length at which the past goes stale (RESET_KEY)
     right_padding: bool = False  # PADDING_KEY = "right"
+    has_logit_rows: bool = False  # the graph takes LOGIT_ROWS
 
     @classmethod
     def of(cls, session) -> "DecoderIO":
@@ -62,14 +67,14 @@ class DecoderIO:
             kv_shape[n] = (shape[1], shape[3])
         dtype = _NP_TYPES.get(inputs[past[0]].type, np.float32) if past else np.float32
         present = tuple(n.replace("past_key_values", "present") for n in past)
-        known = {"input_ids", "attention_mask", "position_ids", *past}
+        known = {"input_ids", "attention_mask", "position_ids", LOGIT_ROWS, *past}
         meta = session.get_modelmeta().custom_metadata_map or {}
         reset = meta.get(RESET_KEY)
         padding = meta.get(PADDING_KEY, "left")
         if padding not in ("left", "right"):
             raise ValueError(f"the ONNX model's {PADDING_KEY} metadata is {padding!r}, expected 'left' or 'right'")
         return cls(tuple(past), present, kv_shape, dtype, "position_ids" in inputs,
-                   tuple(n for n in inputs if n not in known), int(reset) if reset else None, padding == "right")
+                   tuple(n for n in inputs if n not in known), int(reset) if reset else None, padding == "right", LOGIT_ROWS in inputs)
 
 
 class SharedKV:
@@ -171,9 +176,14 @@ class Decoder:
             return SharedKV(self.io, batch, self.kv_device)
         return {n: np.zeros((batch, h, 0, d), self.io.kv_dtype) for n, (h, d) in self.io.kv_shape.items()}
 
-    def _feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+    def _feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+               rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
         feeds = {"input_ids": np.ascontiguousarray(input_ids, np.int64),
                  "attention_mask": np.ascontiguousarray(attention_mask, np.int64), **self.extra_feeds}
+        if self.io.has_logit_rows:
+            if rows is None:  # every new token
+                rows = np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape)
+            feeds[LOGIT_ROWS] = np.ascontiguousarray(rows, np.int64)[..., None]
         if self.io.has_position_ids:
             # Left padding is allowed: a position counts the real tokens before it.
             pos = np.cumsum(attention_mask, axis=1) - 1
@@ -181,7 +191,7 @@ class Decoder:
         return feeds
 
     def _forward_shared(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-                        past: SharedKV) -> tuple[np.ndarray, SharedKV]:
+                        past: SharedKV, rows: np.ndarray | None) -> tuple[np.ndarray, SharedKV]:
         total = attention_mask.shape[1]
         if input_ids.shape[0] != past.batch or total != past.length + input_ids.shape[1]:
             raise ValueError(f"the cache holds {past.batch} row(s) of {past.length} positions; got "
@@ -194,7 +204,7 @@ class Decoder:
                 b.bind_ortvalue_input(p, past.values[p])
                 b.bind_ortvalue_output(q, past.values[p])
             past._binding, past._bound = b, (self.session, past.capacity)
-        feeds = self._feeds(input_ids, attention_mask)  # referenced until the run is done
+        feeds = self._feeds(input_ids, attention_mask, rows)  # referenced until the run is done
         for name, value in feeds.items():
             b.bind_cpu_input(name, value)
         vocab = self._vocab
@@ -202,8 +212,9 @@ class Decoder:
             b.bind_output("logits")
             self.session.run_with_iobinding(b)
             past.length = total
-            return b.get_outputs()[0].numpy(), past
-        shape = (*input_ids.shape, vocab)
+            return self._pick(b.get_outputs()[0].numpy(), rows), past
+        k = input_ids.shape[1] if rows is None or not self.io.has_logit_rows else rows.shape[1]
+        shape = (input_ids.shape[0], k, vocab)
         if shape[1] == 1:  # a decode step: onnxruntime writes into one buffer, reused
             if past._logits is None or past._logits.shape != shape:
                 past._logits = np.empty(shape, np.float32)
@@ -213,29 +224,46 @@ class Decoder:
         b.bind_output("logits", "cpu", 0, np.float32, list(shape), out.ctypes.data)
         self.session.run_with_iobinding(b)
         past.length = total
-        return (out.copy() if out is past._logits else out), past
+        return self._pick(out.copy() if out is past._logits else out, rows), past
+
+    def _pick(self, logits: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+        """The asked-for rows of logits a graph without LOGIT_ROWS computed for every token."""
+        if rows is None or self.io.has_logit_rows:
+            return logits
+        return np.take_along_axis(logits, np.asarray(rows, np.int64)[..., None], axis=1)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-                past: dict[str, np.ndarray] | SharedKV) -> tuple[np.ndarray, dict[str, np.ndarray] | SharedKV]:
-        """One run: ``input_ids`` [B, T] new tokens, ``attention_mask`` [B, past + T]. A
+                past: dict[str, np.ndarray] | SharedKV, rows: np.ndarray | None = None
+                ) -> tuple[np.ndarray, dict[str, np.ndarray] | SharedKV]:
+        """One run: ``input_ids`` [B, T] new tokens, ``attention_mask`` [B, past + T]; logits
+        [B, T, V], or [B, k, V] at ``rows`` [B, k] (indices into each row's new tokens: a graph the
+        runtime built computes the head there only, any other graph is sliced after). A
         :class:`SharedKV` past is updated in place and returned."""
+        if rows is not None:
+            rows = np.asarray(rows, np.int64)
+            if rows.ndim != 2 or rows.shape[0] != input_ids.shape[0] or rows.size and (
+                    rows.min() < 0 or rows.max() >= input_ids.shape[1]):
+                raise ValueError(f"rows must be [batch, k] indices into the {input_ids.shape[1]} new tokens, "
+                                 f"got {rows.tolist()}")
         if isinstance(past, SharedKV):
-            return self._forward_shared(input_ids, attention_mask, past)
-        out = self.session.run(self._outputs, {**self._feeds(input_ids, attention_mask), **past})
-        return out[0], dict(zip(self.io.past_names, out[1:]))
+            return self._forward_shared(input_ids, attention_mask, past, rows)
+        out = self.session.run(self._outputs, {**self._feeds(input_ids, attention_mask, rows), **past})
+        return self._pick(out[0], rows), dict(zip(self.io.past_names, out[1:]))
 
     def extend(self, ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray],
-               new: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+               new: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Run the last ``new`` of ``ids`` [B, total] (every token so far) on ``past``; the
-        logits cover the new tokens, or every token when the past had to be recomputed."""
+        logits cover the new tokens (or ``rows`` [B, k] of them, indices into the new tokens),
+        or every token when the past had to be recomputed and no rows were asked for."""
         total = ids.shape[1]
         reset = self.io.recompute_past_after
         if reset is not None and total > new:
             before = attention_mask[:, :total - new].sum(axis=1)  # real tokens of each row's past
             after = attention_mask.sum(axis=1)
             if np.any((before <= reset) & (after > reset)):
-                return self.forward(ids, attention_mask, self.empty_past(ids.shape[0]))
-        return self.forward(ids[:, total - new:], attention_mask, past)
+                shifted = None if rows is None else np.asarray(rows, np.int64) + (total - new)
+                return self.forward(ids, attention_mask, self.empty_past(ids.shape[0]), shifted)
+        return self.forward(ids[:, total - new:], attention_mask, past, rows)
 
     def prompt_logits(self, ids: list[int]) -> np.ndarray:
         """Logits [T, V] of one prompt in a single prefill."""
@@ -250,7 +278,7 @@ class Decoder:
         out: list[int] = []
         new = x.shape[1]
         for _ in range(max_new_tokens):
-            logits, past = self.extend(x, np.ones_like(x), past, new)
+            logits, past = self.extend(x, np.ones_like(x), past, new, rows=[[new - 1]])
             tok = int(np.argmax(logits[0, -1]))
             out.append(tok)
             if eos_token_id is not None and tok == eos_token_id:
@@ -288,9 +316,10 @@ class Batch:
         self._past = decoder.empty_past(len(prompts))
 
     def prefill(self) -> np.ndarray:
-        if self._right:
-            logits, self._past = self.decoder.extend(self._ids, self.mask, self._past, self._ids.shape[1])
-            return logits[np.arange(len(self._lengths)), self._lengths - 1]
+        if self._right:  # each row's last real token
+            logits, self._past = self.decoder.extend(self._ids, self.mask, self._past, self._ids.shape[1],
+                                                     rows=(self._lengths - 1)[:, None])
+            return logits[:, 0]
         return self._run(self._ids.shape[1])
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
@@ -300,5 +329,6 @@ class Batch:
         return self._run(1)
 
     def _run(self, new: int) -> np.ndarray:
-        logits, self._past = self.decoder.extend(self._ids, self.mask, self._past, new)
+        last = np.full((len(self._lengths), 1), new - 1)
+        logits, self._past = self.decoder.extend(self._ids, self.mask, self._past, new, rows=last)
         return logits[:, -1]

@@ -202,6 +202,44 @@ def test_in_place_kv_cache_matches_the_numpy_hand_off(arts, monkeypatch):
         np.testing.assert_array_equal(c, b)
 
 
+@pytest.mark.parametrize("graph", ["fused", "traced"])
+def test_logits_only_at_the_rows_asked_for(arts, graph):
+    """The graphs the runtime builds take ``logit_rows``: the head runs on those rows of the
+    hidden state only (generation asks for one per row). The logits there are the full run's,
+    on the in-place cache (fused) and the numpy one (traced); a graph without the input (the
+    exported file itself) is sliced after the run, with the same result."""
+    from otaro.runtime.decoder import LOGIT_ROWS
+
+    _, out = arts
+    rt = Runtime.load(out[graph], accuracy_level=4, cache_bytes=0)
+    dec = rt.decoder
+    assert dec.io.has_logit_rows and LOGIT_ROWS in {i.name for i in dec.session.get_inputs()}
+    exported = Decoder(ort.InferenceSession(str(out[graph] / "model.onnx"), providers=["CPUExecutionProvider"]))
+    assert not exported.io.has_logit_rows
+    ids = np.array([PROMPTS[0], PROMPTS[0][::-1]], np.int64)
+    mask = np.ones_like(ids)
+    full, _ = dec.forward(ids, mask, dec.empty_past(2))
+    for rows in ([[0, 15], [7, 3]], [[15], [2]]):
+        r = np.array(rows)
+        got, _ = dec.forward(ids, mask, dec.empty_past(2), rows=r)
+        # accuracy level 4: each row's activations are quantized on their own, so a row's
+        # logits do not depend on which other rows run beside it: exact
+        np.testing.assert_array_equal(got, np.take_along_axis(full, r[..., None], axis=1))
+        ref, _ = exported.forward(ids, mask, exported.empty_past(2))
+        sliced, _ = exported.forward(ids, mask, exported.empty_past(2), rows=r)
+        np.testing.assert_array_equal(sliced, np.take_along_axis(ref, r[..., None], axis=1))
+    with pytest.raises(ValueError, match="indices into the 16 new tokens"):
+        dec.forward(ids, mask, dec.empty_past(2), rows=[[16], [0]])
+    # generation asks for the last row only: the same tokens as from every row's logits
+    x = np.array([PROMPTS[1]], np.int64)
+    logits, past = dec.forward(x, np.ones_like(x), dec.empty_past(1))
+    want = []
+    for _ in range(6):
+        want.append(int(logits[0, -1].argmax()))
+        logits, past = dec.forward(np.array([[want[-1]]]), np.ones((1, x.shape[1] + len(want)), np.int64), past)
+    assert dec.greedy(PROMPTS[1], 6) == want
+
+
 def test_a_gpu_session_keeps_its_cache_on_its_device():
     """Which device the in-place cache lives on follows the session's first provider."""
     from otaro.runtime.decoder import session_kv_device

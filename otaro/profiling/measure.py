@@ -196,7 +196,8 @@ def _decode_round(dec, ids: list[int], gen_len: int):
     x = np.asarray([ids], np.int64)
     mask = np.ones_like(x)
     t0 = time.perf_counter()
-    logits, past = dec.forward(x, mask, dec.empty_past(1))
+    # the prompt's last logits only, as generation asks for them (time to the first token)
+    logits, past = dec.forward(x, mask, dec.empty_past(1), rows=[[x.shape[1] - 1]])
     t1 = time.perf_counter()
     for _ in range(gen_len - 1):  # the first of the gen_len tokens comes from the prefill
         tok = np.argmax(logits[:, -1], axis=-1)[:, None].astype(np.int64)
