@@ -155,11 +155,18 @@ def plot(res: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def _bit_list(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of bit-widths, e.g. 2,4,8") from None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("artifact", type=Path, help="an `otaro export` folder")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--bits", default="2,3,4,8", type=lambda s: [int(b) for b in s.split(",")])
+    p.add_argument("--bits", default="2,3,4,8", type=_bit_list, help="comma-separated bit-widths")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--publish", action="store_true", help="write the `cuda` section of RESULTS.md (GPU only)")

@@ -278,7 +278,8 @@ class Decoder:
         out: list[int] = []
         new = x.shape[1]
         for _ in range(max_new_tokens):
-            logits, past = self.extend(x, np.ones_like(x), past, new, rows=[[new - 1]])
+            # the prompt's last row only; a one-token step has only that row (no rows to check)
+            logits, past = self.extend(x, np.ones_like(x), past, new, rows=[[new - 1]] if new > 1 else None)
             tok = int(np.argmax(logits[0, -1]))
             out.append(tok)
             if eos_token_id is not None and tok == eos_token_id:
@@ -329,6 +330,7 @@ class Batch:
         return self._run(1)
 
     def _run(self, new: int) -> np.ndarray:
-        last = np.full((len(self._lengths), 1), new - 1)
+        # a prefill's last row; a one-token step has only that row (nothing to gather every step)
+        last = np.full((len(self._lengths), 1), new - 1) if new > 1 else None
         logits, self._past = self.decoder.extend(self._ids, self.mask, self._past, new, rows=last)
         return logits[:, -1]
